@@ -1,0 +1,1 @@
+"""The stream agent: runs one operation between two streams on RabbitMQ."""

@@ -1,0 +1,106 @@
+"""``stream-agent`` (also ``streamboss agent``): run one operation.
+
+The broker URL comes from ``STREAMBOSS_BROKER_URL`` or the config file, never
+from argv: every user of the machine can read a process's arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import (
+    DEFAULT_DRAIN_TIMEOUT,
+    MODES,
+    ConfigError,
+    build_config,
+    read_file,
+)
+from .framing import FRAMINGS
+from .process import check_program
+
+HELP = """Run one operation: consume INPUT's queue, feed each message to a program,
+publish its output to OUTPUT.
+
+The broker URL is read from STREAMBOSS_BROKER_URL or the config file's
+broker_url (default amqp://guest:guest@127.0.0.1:5672/%2F). SIGTERM stops
+consuming, finishes the in-flight messages and exits 0.
+"""
+
+
+@click.command("agent", help=HELP)
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="TOML or JSON file with broker_url, [operation] and [definition].")
+@click.option("--operation", help="Operation name: queue sb.op.NAME, dead letters to NAME.dead.")
+@click.option("--input", "input_stream", metavar="STREAM", help="Stream to consume.")
+@click.option("--output", "output_stream", metavar="STREAM", help="Stream to publish to.")
+@click.option("--definition", "definition_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Process definition JSON (the seed's {\"definition\": {...}} works).")
+@click.option("--exec", "command", metavar="COMMAND",
+              help="Program and arguments, split like a shell would (no shell is run).")
+@click.option("--mode", type=click.Choice(MODES), help="One child per message, or one "
+              "long-running child fed framed records.  [default: per-message]")
+@click.option("--framing", type=click.Choice(FRAMINGS),
+              help="Service-mode record framing on stdin.  [default: line]")
+@click.option("--output-framing", type=click.Choice(FRAMINGS),
+              help="Service-mode framing on stdout.  [default: same as --framing]")
+@click.option("--shell", is_flag=True, default=None, help="Run COMMAND with /bin/sh -c.")
+@click.option("--timeout", type=click.FloatRange(min=0.001),
+              help="Seconds one record may take.  [default: 60]")
+@click.option("--max-attempts", type=click.IntRange(min=1),
+              help="Attempts before a message goes to the dead-letter stream.  [default: 3]")
+@click.option("--concurrency", type=click.IntRange(min=1),
+              help="Per-message children at once.  [default: CPU count, at least 2]")
+@click.option("--prefetch", type=click.IntRange(min=0),
+              help="Unacked messages in flight.  [default: 200 service, 2 x concurrency "
+              "per-message]")
+@click.option("--drain-timeout", type=click.FloatRange(min=0),
+              help=f"Seconds SIGTERM waits for in-flight messages.  [default: "
+              f"{DEFAULT_DRAIN_TIMEOUT:g}]")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def agent_command(config_file: Path | None, operation: str | None, input_stream: str | None,
+                  output_stream: str | None, definition_file: Path | None, command: str | None,
+                  mode: str | None, framing: str | None, output_framing: str | None,
+                  shell: bool | None, timeout: float | None, max_attempts: int | None,
+                  concurrency: int | None, prefetch: int | None, drain_timeout: float | None,
+                  log_level: str) -> None:
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    # pika logs every reconnect attempt at ERROR with a traceback; ours say it once.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    try:
+        file_values: dict[str, Any] = read_file(config_file) if config_file else {}
+        definition: dict[str, Any] = dict(file_values.get("definition") or {})
+        if definition_file is not None:
+            loaded = read_file(definition_file)
+            definition.update(loaded.get("definition", loaded))
+        overrides = {
+            "exec": command, "mode": mode, "framing": framing,
+            "output_framing": output_framing, "shell": shell, "timeout": timeout,
+            "max_attempts": max_attempts, "concurrency": concurrency,
+        }
+        config = build_config(
+            operation, input_stream, output_stream,
+            {**{k.replace("-", "_"): v for k, v in definition.items()},
+             **{k: v for k, v in overrides.items() if v is not None}},
+            {**file_values, "definition": {}},
+            prefetch=prefetch, drain_timeout=drain_timeout,
+        )
+        check_program(config.definition)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    from .worker import Agent
+
+    sys.exit(Agent(config).run())
+
+
+def main() -> None:
+    """Entry point of the ``stream-agent`` console script."""
+    agent_command(prog_name="stream-agent")

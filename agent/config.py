@@ -1,0 +1,269 @@
+"""What an agent runs: the process definition and the operation around it.
+
+Everything is validated here, before the agent touches the broker, so a bad
+declaration fails with one line that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .framing import FRAMINGS
+from .naming import InvalidName, check_name
+
+BROKER_URL_ENV = "STREAMBOSS_BROKER_URL"
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+MODES = ("per-message", "service")
+
+# Retrying three times tells a flaky program from a broken one without
+# holding a poison message for long.
+DEFAULT_MAX_ATTEMPTS = 3
+# A transform that takes a minute per record is stuck, not slow.
+DEFAULT_TIMEOUT = 60.0
+# 200 records in flight keep a pipelined service child and the broker busy
+# (BASELINES.md: the safe relay gains little beyond this on 2 cores).
+DEFAULT_SERVICE_PREFETCH = 200
+# Finishing the in-flight window on SIGTERM should take seconds; past this the
+# rest is handed back to the broker.
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
+
+class ConfigError(ValueError):
+    """A declaration the agent cannot run; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class ProcessDefinition:
+    """A named recipe for a transform (the seed's ``definition`` object, extended)."""
+
+    exec: str | list[str]
+    name: str | None = None
+    application: str | None = None
+    mode: str = "per-message"
+    framing: str = "line"
+    output_framing: str | None = None
+    timeout: float | None = DEFAULT_TIMEOUT
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    env: dict[str, str] = field(default_factory=dict)
+    shell: bool = False
+    concurrency: int | None = None
+    image: str | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        """The program and its arguments, split with shlex unless ``shell`` is set."""
+        if isinstance(self.exec, list):
+            return list(self.exec)
+        if self.shell:
+            return ["/bin/sh", "-c", self.exec]
+        return shlex.split(self.exec)
+
+    @property
+    def out_framing(self) -> str:
+        return self.output_framing or self.framing
+
+
+_DEFINITION_FIELDS = {
+    "exec", "name", "application", "mode", "framing", "output_framing", "timeout",
+    "max_attempts", "env", "shell", "concurrency", "image",
+}
+
+
+def _number(where: str, value: Any, *, integer: bool, minimum: float) -> Any:
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where} must be {kind}, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"{where} must be {kind}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{where} must be at least {minimum:g}, got {value!r}")
+    return value
+
+
+def parse_definition(data: Any) -> ProcessDefinition:
+    """Build a definition from the seed's JSON or our fuller form.
+
+    Accepts ``{"definition": {...}}`` (the seed) or the inner object itself.
+    Hyphens and underscores are interchangeable in field names.
+
+    Raises:
+        ConfigError: a missing ``exec``, an unknown field, mode or framing, a bad number.
+    """
+    if isinstance(data, dict) and isinstance(data.get("definition"), dict):
+        data = data["definition"]
+    if not isinstance(data, dict):
+        raise ConfigError("process definition must be a JSON object with at least 'exec'")
+    fields = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(fields) - _DEFINITION_FIELDS)
+    if unknown:
+        raise ConfigError(
+            f"process definition has unknown field(s) {', '.join(unknown)}: "
+            f"allowed are {', '.join(sorted(_DEFINITION_FIELDS))}"
+        )
+    command = fields.get("exec")
+    if isinstance(command, list):
+        if not command or not all(isinstance(a, str) for a in command):
+            raise ConfigError("process definition 'exec' list must hold strings, program first")
+    elif not isinstance(command, str) or not command.strip():
+        raise ConfigError("process definition is missing 'exec': give the command to run")
+    mode = fields.get("mode", "per-message")
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    for key in ("framing", "output_framing"):
+        value = fields.get(key)
+        if value is not None and value not in FRAMINGS:
+            raise ConfigError(f"unknown {key} {value!r}: use one of {', '.join(FRAMINGS)}")
+    timeout = fields.get("timeout", DEFAULT_TIMEOUT)
+    if timeout is not None:
+        timeout = float(_number("timeout", timeout, integer=False, minimum=0.001))
+    max_attempts = _number(
+        "max_attempts", fields.get("max_attempts", DEFAULT_MAX_ATTEMPTS), integer=True, minimum=1
+    )
+    concurrency = fields.get("concurrency")
+    if concurrency is not None:
+        concurrency = _number("concurrency", concurrency, integer=True, minimum=1)
+    env = fields.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) for k in env):
+        raise ConfigError("process definition 'env' must map names to values")
+    definition = ProcessDefinition(
+        exec=command,
+        name=fields.get("name"),
+        application=fields.get("application"),
+        mode=mode,
+        framing=fields.get("framing") or "line",
+        output_framing=fields.get("output_framing"),
+        timeout=timeout,
+        max_attempts=max_attempts,
+        env={k: str(v) for k, v in env.items()},
+        shell=bool(fields.get("shell", False)),
+        concurrency=concurrency,
+        image=fields.get("image"),
+    )
+    try:
+        argv = definition.argv
+    except ValueError as exc:
+        raise ConfigError(f"process definition 'exec' cannot be split: {exc}") from None
+    if not argv:
+        raise ConfigError("process definition is missing 'exec': give the command to run")
+    return definition
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """One operation as an agent runs it."""
+
+    operation: str
+    input: str
+    output: str
+    definition: ProcessDefinition
+    broker_url: str = DEFAULT_BROKER_URL
+    prefetch: int = 0
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+
+    @property
+    def concurrency(self) -> int:
+        """How many per-message children may run at once."""
+        return self.definition.concurrency or max(2, os.cpu_count() or 2)
+
+    @property
+    def window(self) -> int:
+        """Unacked messages the broker may hand this agent (the prefetch)."""
+        if self.prefetch:
+            return self.prefetch
+        if self.definition.mode == "service":
+            return DEFAULT_SERVICE_PREFETCH
+        return 2 * self.concurrency
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or JSON file into a dict.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or malformed.
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise ConfigError(f"{path} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold an object at the top level")
+    return data
+
+
+def broker_url(file_value: str | None) -> str:
+    """The broker URL: ``STREAMBOSS_BROKER_URL``, else the config file, else the local default."""
+    return os.environ.get(BROKER_URL_ENV) or file_value or DEFAULT_BROKER_URL
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced, safe for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def build_config(
+    operation: str | None,
+    input_stream: str | None,
+    output_stream: str | None,
+    definition: dict[str, Any],
+    file_values: dict[str, Any],
+    prefetch: int | None = None,
+    drain_timeout: float | None = None,
+) -> AgentConfig:
+    """Merge command-line values over a config file's and validate the result.
+
+    Raises:
+        ConfigError: a missing or invalid name, definition or number.
+    """
+    op_section = file_values.get("operation") or {}
+    if not isinstance(op_section, dict):
+        raise ConfigError("config file 'operation' must be a table/object")
+    file_definition = file_values.get("definition") or {}
+    if isinstance(file_definition, dict) and isinstance(file_definition.get("definition"), dict):
+        file_definition = file_definition["definition"]
+    merged = {str(k).replace("-", "_"): v for k, v in dict(file_definition).items()}
+    merged.update({k: v for k, v in definition.items() if v is not None})
+    parsed = parse_definition(merged)
+    op = operation or op_section.get("name")
+    source = input_stream or op_section.get("input")
+    sink = output_stream or op_section.get("output")
+    missing = [flag for flag, value in (("--operation", op), ("--input", source),
+                                        ("--output", sink)) if not value]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)}: name the operation and its two streams")
+    try:
+        check_name("operation", op)
+        check_name("input stream", source)
+        check_name("output stream", sink)
+    except InvalidName as exc:
+        raise ConfigError(str(exc)) from None
+    window = prefetch if prefetch is not None else op_section.get("prefetch", 0)
+    drain = drain_timeout if drain_timeout is not None else op_section.get(
+        "drain_timeout", DEFAULT_DRAIN_TIMEOUT)
+    return AgentConfig(
+        operation=op,
+        input=source,
+        output=sink,
+        definition=parsed,
+        broker_url=broker_url(file_values.get("broker_url")),
+        prefetch=_number("prefetch", window, integer=True, minimum=0),
+        drain_timeout=float(_number("drain_timeout", drain, integer=False, minimum=0)),
+    )

@@ -1,0 +1,90 @@
+"""Headers carried on every message streamboss publishes.
+
+The ``sb-*`` headers are ours; the ``cloudEvents:*`` ones follow the CloudEvents
+AMQP protocol binding (binary content mode, application properties).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pika
+
+ID = "sb-id"
+STREAM = "sb-stream"
+PRODUCED_AT = "sb-produced-at"
+PARENT = "sb-parent"
+
+CE_ID = "cloudEvents:id"
+CE_SOURCE = "cloudEvents:source"
+CE_TYPE = "cloudEvents:type"
+CE_SPECVERSION = "cloudEvents:specversion"
+CE_TIME = "cloudEvents:time"
+CE_RECORD_TYPE = "io.streamboss.record"
+
+DEAD_REASON = "sb-dead-reason"
+DEAD_EXIT_CODE = "sb-dead-exit-code"
+DEAD_ATTEMPTS = "sb-dead-attempts"
+DEAD_STDERR = "sb-dead-stderr"
+DEAD_OPERATION = "sb-dead-operation"
+
+PERSISTENT = 2
+
+
+def now_rfc3339() -> str:
+    """The current UTC time as RFC 3339 with microseconds and a ``Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_id() -> str:
+    """A fresh message id."""
+    return uuid.uuid4().hex
+
+
+def message_id(properties: pika.BasicProperties) -> str | None:
+    """The streamboss id of a received message: ``sb-id``, else the AMQP message-id."""
+    headers = properties.headers
+    if headers:
+        value = headers.get(ID)
+        if value:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return properties.message_id
+
+
+def output_properties(
+    stream: str,
+    source: str,
+    parent: str | None,
+    extra: dict[str, Any] | None = None,
+    content_type: str | None = None,
+) -> pika.BasicProperties:
+    """Properties for a message published to ``stream``.
+
+    Parameters:
+        stream: the stream the message is published to.
+        source: the CloudEvents source, a URI reference naming the producer.
+        parent: the id of the message this one was derived from, if any.
+        extra: more headers (dead-letter reasons, the input's own headers).
+        content_type: the AMQP content-type, when known.
+    """
+    ident = new_id()
+    produced_at = now_rfc3339()
+    headers: dict[str, Any] = dict(extra) if extra else {}
+    headers[ID] = ident
+    headers[STREAM] = stream
+    headers[PRODUCED_AT] = produced_at
+    if parent is not None:
+        headers[PARENT] = parent
+    headers[CE_ID] = ident
+    headers[CE_SOURCE] = source
+    headers[CE_TYPE] = CE_RECORD_TYPE
+    headers[CE_SPECVERSION] = "1.0"
+    headers[CE_TIME] = produced_at
+    return pika.BasicProperties(
+        message_id=ident,
+        delivery_mode=PERSISTENT,
+        headers=headers,
+        content_type=content_type,
+    )

@@ -1,0 +1,1 @@
+"""The stream manager: declarations, API, CLI, reconciler and dispatchers."""
