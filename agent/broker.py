@@ -47,21 +47,34 @@ class BrokerError(Exception):
     """A broker condition the agent cannot work around; the message says what to do."""
 
 
-def explain_close(reason: Exception, url: str) -> str:
-    """One line that says why the broker connection or channel went away."""
+def _root_cause(error: BaseException) -> str:
+    """The innermost reason pika wrapped (e.g. ``Connection refused``)."""
+    for _ in range(8):
+        if isinstance(error, OSError):
+            return error.strerror or str(error)
+        inner = getattr(error, "exceptions", None)
+        if inner:
+            error = inner[-1]
+        elif isinstance(getattr(error, "exception", None), BaseException):
+            error = error.exception  # type: ignore[attr-defined]
+        elif error.args and isinstance(error.args[0], BaseException):
+            error = error.args[0]
+        else:
+            break
+    return str(error) or type(error).__name__
+
+
+def explain_close(reason: BaseException, url: str, opening: bool = False) -> str:
+    """One line that says why the broker connection went away (or never came)."""
     where = redact(url)
     if isinstance(reason, pika.exceptions.ProbableAuthenticationError |
                   pika.exceptions.ProbableAccessDeniedError):
         return (f"the broker at {where} refused the credentials or vhost: "
                 "check the user, password and vhost in STREAMBOSS_BROKER_URL or the config file")
-    if isinstance(reason, pika.exceptions.AMQPConnectionError):
-        detail = str(reason) or type(reason).__name__
-        refused = isinstance(reason, pika.exceptions.IncompatibleProtocolError)
-        if refused or "refused" in detail.lower():
-            detail = "connection refused"
-        return (f"cannot reach the broker at {where} ({detail}): start RabbitMQ or set "
-                "STREAMBOSS_BROKER_URL")
-    return f"broker at {where}: {reason}"
+    if opening:
+        return (f"cannot reach the broker at {where} ({_root_cause(reason)}): start RabbitMQ "
+                "or set STREAMBOSS_BROKER_URL")
+    return f"connection to {where} lost: {_root_cause(reason)}"
 
 
 class BrokerSession:
@@ -142,7 +155,7 @@ class BrokerSession:
 
     def _on_connection_open_error(self, _conn: pika.SelectConnection, error: Exception) -> None:
         self.connection = None
-        self._on_lost(explain_close(error, self.url), False)
+        self._on_lost(explain_close(error, self.url, opening=True), False)
 
     def _on_connection_closed(self, _conn: pika.SelectConnection, reason: Exception) -> None:
         self.connection = None

@@ -101,6 +101,23 @@ def agent_command(config_file: Path | None, operation: str | None, input_stream:
     sys.exit(Agent(config).run())
 
 
+EXIT_USAGE = 2
+
+
+def run_cli(command: click.Command, prog_name: str) -> None:
+    """Run a click command so that every usage or configuration error is one line on
+    stderr and exit status 2, the way the rest of streamboss reports bad input."""
+    try:
+        command.main(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        context = getattr(exc, "ctx", None)
+        name = context.command_path if context is not None else prog_name
+        print(f"{name}: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def main() -> None:
     """Entry point of the ``stream-agent`` console script."""
-    agent_command(prog_name="stream-agent")
+    run_cli(agent_command, "stream-agent")

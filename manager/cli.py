@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from streamboss.agent.cli import agent_command
+from streamboss.agent.cli import agent_command, run_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,4 +18,4 @@ cli.add_command(agent_command)
 
 def main() -> None:
     """Entry point of the ``streamboss`` console script."""
-    cli(prog_name="streamboss")
+    run_cli(cli, "streamboss")

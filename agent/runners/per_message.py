@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,13 +34,17 @@ class Result:
 
 
 def run_once(argv: list[str], env: dict[str, str], body: bytes, timeout: float | None,
-             stderr: StderrTail) -> Result:
-    """Run the program once on ``body``; kill its process group if it overruns ``timeout``."""
+             stderr: StderrTail, live: set[subprocess.Popen[bytes]]) -> Result:
+    """Run the program once on ``body``; kill its process group if it overruns ``timeout``.
+
+    The child sits in ``live`` while it runs, so that a hard stop can kill it.
+    """
     try:
         child = spawn(argv, env)
     except OSError as exc:
         stderr.feed(f"cannot start {argv[0]}: {exc.strerror}\n".encode())
         return Result(127, b"", False)
+    live.add(child)
     timed_out = False
     try:
         out, err = child.communicate(body, timeout=timeout)
@@ -48,6 +52,8 @@ def run_once(argv: list[str], env: dict[str, str], body: bytes, timeout: float |
         timed_out = True
         kill_group(child)
         out, err = child.communicate()
+    finally:
+        live.discard(child)
     stderr.feed(err)
     stderr.flush()
     return Result(child.returncode, out, timed_out)
@@ -65,6 +71,8 @@ class PerMessageRunner:
         self._env = child_env(definition)
         self._pool = ThreadPoolExecutor(max_workers=concurrency,
                                         thread_name_prefix=f"{label}-child")
+        self._live: set[subprocess.Popen[bytes]] = set()
+        self._stopped = threading.Event()
 
     def start(self) -> None:
         pass
@@ -73,14 +81,20 @@ class PerMessageRunner:
         self._pool.submit(self._work, delivery)
 
     def stop(self) -> None:
+        # Called once nothing is in flight, or on a hard exit: anything still
+        # running is abandoned to the broker's redelivery.
+        self._stopped.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for child in list(self._live):
+            kill_group(child)
 
     def _work(self, delivery: Delivery) -> None:
         definition = self.definition
         delay = RETRY_DELAY
         while True:
             stderr = StderrTail(self.label)
-            result = run_once(self._argv, self._env, delivery.body, definition.timeout, stderr)
+            result = run_once(self._argv, self._env, delivery.body, definition.timeout, stderr,
+                              self._live)
             delivery.attempts += 1
             if result.returncode == 0 and not result.timed_out:
                 self._report(self.outcomes.emit, delivery, result.stdout)
@@ -95,7 +109,8 @@ class PerMessageRunner:
                 return
             log.info("%s: attempt %d of %d failed (%s); retrying", self.label,
                      delivery.attempts, definition.max_attempts, reason)
-            time.sleep(delay)
+            if self._stopped.wait(delay):
+                return
             delay = min(delay * 2, RETRY_DELAY_MAX)
 
     def _report(self, callback: object, *args: object) -> None:
