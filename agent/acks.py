@@ -67,7 +67,11 @@ class Acker:
             self._ioloop.call_later(0, self.flush)
 
     def flush(self) -> None:
-        """Ack the longest settled prefix with a single ``multiple`` ack."""
+        """Ack the longest settled prefix with one ``multiple`` ack, the rest one by one.
+
+        Settled deliveries behind a slow one are acked singly rather than held:
+        the broker counts them against the prefetch window until they are acked.
+        """
         self._flush_pending = False
         order, settled = self._order, self._settled
         last_acked = 0
@@ -77,4 +81,10 @@ class Acker:
                 last_acked = tag
         if last_acked:
             self._send_ack(last_acked, True)
+        if settled:
+            for tag, outcome in settled.items():
+                if outcome is _ACKED:
+                    self._send_ack(tag, False)
+            self._order = deque(tag for tag in order if tag not in settled)
+            settled.clear()
         self._after_flush()

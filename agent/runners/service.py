@@ -58,6 +58,7 @@ class ServiceRunner:
         self._stopped = False
         self._killed_for_timeout = False
         self._open_fds: set[int] = set()
+        self._want_write = False
         self._watchdog: object | None = None
 
     # -- public -------------------------------------------------------------
@@ -114,6 +115,7 @@ class ServiceRunner:
         self._decoder.reset()
         self._stderr.clear()
         self._killed_for_timeout = False
+        self._want_write = False
         assert child.stdin and child.stdout and child.stderr
         for stream, handler, events in (
             (child.stdin, self._on_stdin, 0),
@@ -212,10 +214,16 @@ class ServiceRunner:
                 raise
             # The child is going away; its stdout EOF will tell us.
             self._pending_write.clear()
-            self.ioloop.update_handler(fd, 0)
+            if self._want_write:
+                self._want_write = False
+                self.ioloop.update_handler(fd, 0)
             return
         del self._pending_write[:written]
-        self.ioloop.update_handler(fd, self.ioloop.WRITE if self._pending_write else 0)
+        want_write = bool(self._pending_write)
+        if want_write != self._want_write:
+            # Only a full pipe needs the loop's help; most writes go through at once.
+            self._want_write = want_write
+            self.ioloop.update_handler(fd, self.ioloop.WRITE if want_write else 0)
 
     def _on_stdin(self, _fd: int, _events: int) -> None:
         self._write()
