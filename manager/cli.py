@@ -1,21 +1,336 @@
-"""``streamboss``: the one command-line entry point."""
+"""``streamboss``: the one command-line entry point (verbs named after the seed's tools)."""
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
 import click
+import pika
 
 from streamboss.agent.cli import agent_command, run_cli
+from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL
+
+from .client import Client, ClientError
+from .model import ScalingPolicy
+from .paths import state_dir
+from .server import DEFAULT_HOST, DEFAULT_PORT, ServerConfig, ServerError, serve
+from .streams_io import StreamError, consume, publish
+
+OUTPUT = click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]),
+                      default="table", show_default=True, help="Human table or JSON.")
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc)) from None
+
+
+def _call(method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        return Client().request(method, path, **kwargs)
+    except ClientError as exc:
+        _fail(exc)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _emit(data: Any, fmt: str, columns: list[str] | None = None) -> None:
+    if fmt == "json" or columns is None:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        _table(data if isinstance(data, list) else [data], columns)
+
+
+def _broker_url() -> str:
+    return os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="streamboss")
 def cli() -> None:
-    """Run Unix programs between RabbitMQ streams."""
+    """Run Unix programs between RabbitMQ streams.
+
+    The CLI finds the manager through STREAMBOSS_URL (default http://127.0.0.1:8181)
+    and the broker, for publish and consume, through STREAMBOSS_BROKER_URL.
+    """
 
 
 cli.add_command(agent_command)
+
+# -- running ------------------------------------------------------------------------
+
+
+def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: bool) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    config = ServerConfig(state_dir(state), _broker_url(), host, port, dispatcher)
+    try:
+        serve(config, banner=banner)
+    except ServerError as exc:
+        _fail(exc)
+
+
+@cli.command()
+@click.option("--state-dir", help="Where declarations live (env STREAMBOSS_STATE_DIR).")
+@click.option("--host", default=DEFAULT_HOST, show_default=True,
+              help="Address to bind; anything but loopback requires STREAMBOSS_TOKEN.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
+@click.option("--dispatcher", type=click.Choice(["local", "aws"]), default="local",
+              show_default=True, help="Where agents run.")
+def manager(state_dir: str | None, host: str, port: int, dispatcher: str) -> None:
+    """Run the stream manager: HTTP API, reconciler and dispatcher."""
+    _serve(state_dir, host, port, dispatcher, banner=False)
+
+
+@cli.command()
+@click.option("--state-dir", help="Where declarations live (env STREAMBOSS_STATE_DIR).")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
+def up(state_dir: str | None, port: int) -> None:
+    """The embedded default: manager, local agents and a file:// object store, in the
+    foreground. Ctrl-C stops everything it started."""
+    _serve(state_dir, DEFAULT_HOST, port, "local", banner=True)
+
+
+# -- declarations ---------------------------------------------------------------------
+
+
+@cli.command("create-stream")
+@click.argument("name")
+@OUTPUT
+def create_stream(name: str, fmt: str) -> None:
+    """Create a stream (idempotent)."""
+    result = _call("POST", "/v1/streams", json={"name": name})
+    if fmt == "json":
+        _emit(result, fmt)
+    else:
+        click.echo(f"stream {name} {'created' if result['created'] else 'already exists'}")
+
+
+@cli.command("delete-stream")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Also delete the operations that use it.")
+def delete_stream(name: str, force: bool) -> None:
+    """Delete a stream."""
+    result = _call("DELETE", f"/v1/streams/{name}", params={"force": force})
+    extra = result["operations_deleted"]
+    click.echo(f"stream {name} deleted" + (f" with operation(s) {', '.join(extra)}"
+                                           if extra else ""))
+
+
+@cli.command("define-process")
+@click.argument("file", type=click.File("rb"))
+@click.option("--name", help="Name the definition (else its 'name' field).")
+@OUTPUT
+def define_process(file: Any, name: str | None, fmt: str) -> None:
+    """Register a process definition from FILE (JSON; - for stdin); prints its id."""
+    try:
+        data = json.loads(file.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        _fail(ValueError(f"{file.name} is not valid JSON: {exc}"))
+    params = {"name": name} if name else {}
+    result = _call("POST", "/v1/definitions", json=data, params=params)
+    if fmt == "json":
+        _emit(result, fmt)
+    else:
+        click.echo(result["id"])
+
+
+@cli.command("delete-process")
+@click.argument("definition")
+@click.option("--force", is_flag=True, help="Also delete the operations that use it.")
+def delete_process(definition: str, force: bool) -> None:
+    """Delete a process definition (by id, or every version of a name)."""
+    _call("DELETE", f"/v1/definitions/{definition}", params={"force": force})
+    click.echo(f"process definition {definition} deleted")
+
+
+def _policy_options(func: Any) -> Any:
+    defaults = ScalingPolicy()
+    for option in reversed([
+        click.option("--min", "min_", type=int, help=f"Agents while wanted [{defaults.min}]."),
+        click.option("--max", "max_", type=int, help=f"Agents at most [{defaults.max}]."),
+        click.option("--target-backlog", type=int,
+                     help=f"Waiting messages per agent [{defaults.target_backlog_per_agent}]."),
+        click.option("--scale-out-cooldown", type=float,
+                     help=f"Seconds between scale-outs [{defaults.scale_out_cooldown:g}]."),
+        click.option("--scale-in-cooldown", type=float,
+                     help=f"Seconds between scale-ins [{defaults.scale_in_cooldown:g}]."),
+        click.option("--idle-seconds", type=float,
+                     help=f"Unwanted this long, scale to zero [{defaults.idle_seconds:g}]."),
+    ]):
+        func = option(func)
+    return func
+
+
+@cli.command("create-operation")
+@click.argument("name")
+@click.argument("definition")
+@click.argument("input_stream", metavar="INPUT")
+@click.argument("output_stream", metavar="OUTPUT")
+@_policy_options
+@OUTPUT
+def create_operation(name: str, definition: str, input_stream: str, output_stream: str,
+                     min_: int | None, max_: int | None, target_backlog: int | None,
+                     scale_out_cooldown: float | None, scale_in_cooldown: float | None,
+                     idle_seconds: float | None, fmt: str) -> None:
+    """Run DEFINITION (id or name) on every message of INPUT, publishing to OUTPUT."""
+    policy = {"min": min_, "max": max_, "target_backlog_per_agent": target_backlog,
+              "scale_out_cooldown": scale_out_cooldown, "scale_in_cooldown": scale_in_cooldown,
+              "idle_seconds": idle_seconds}
+    result = _call("POST", "/v1/operations", json={
+        "name": name, "definition": definition, "input": input_stream,
+        "output": output_stream, "policy": {k: v for k, v in policy.items() if v is not None}})
+    if fmt == "json":
+        _emit(result, fmt)
+    else:
+        click.echo(f"operation {name}: {input_stream} -> {output_stream}")
+
+
+@cli.command("delete-operation")
+@click.argument("name")
+def delete_operation(name: str) -> None:
+    """Delete an operation; its agents drain and stop."""
+    _call("DELETE", f"/v1/operations/{name}")
+    click.echo(f"operation {name} deleted")
+
+
+@cli.command("list")
+@click.argument("what", required=False,
+                type=click.Choice(["streams", "definitions", "operations"]))
+@OUTPUT
+def list_(what: str | None, fmt: str) -> None:
+    """List streams, process definitions and operations."""
+    kinds = [what] if what else ["streams", "definitions", "operations"]
+    data: dict[str, Any] = {}
+    for kind in kinds:
+        data[kind] = _call("GET", f"/v1/{kind}")
+    if fmt == "json":
+        _emit(data if what is None else data[what], fmt)
+        return
+    columns = {
+        "streams": ["name", "created_at"],
+        "definitions": ["id", "name", "version", "exec", "mode"],
+        "operations": ["name", "definition_id", "input", "output", "min", "max"],
+    }
+    for kind in kinds:
+        rows = data[kind]
+        if kind == "definitions":
+            rows = [{**r, "exec": r["definition"].get("exec"),
+                     "mode": r["definition"].get("mode", "per-message")} for r in rows]
+        if kind == "operations":
+            rows = [{**r, "min": r["policy"]["min"], "max": r["policy"]["max"]} for r in rows]
+        if len(kinds) > 1:
+            click.echo(f"{kind}:")
+        _table(rows, columns[kind])
+        if len(kinds) > 1:
+            click.echo()
+
+
+@cli.command()
+@OUTPUT
+def status(fmt: str) -> None:
+    """Per operation: agents desired/running, backlog, dead-lettered count."""
+    result = _call("GET", "/v1/status")
+    if fmt == "json":
+        _emit(result, fmt)
+        return
+    if result.get("reconciler_error"):
+        click.echo(f"reconciler: {result['reconciler_error']}", err=True)
+    if not result.get("demand_observed"):
+        click.echo("demand: management API unavailable; every operation counts as wanted",
+                   err=True)
+    rows = [{**r, "agents": f"{r['running']}/{r['desired']}"} for r in result["operations"]]
+    _table(rows, ["name", "input", "output", "wanted", "agents", "draining", "backlog",
+                  "dead_lettered"])
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid",
+              show_default=True)
+def graph(fmt: str) -> None:
+    """The stream/operation graph as Mermaid or DOT text."""
+    click.echo(_call("GET", "/v1/graph", params={"format": fmt}), nl=False)
+
+
+# -- data -----------------------------------------------------------------------------
+
+
+def _stdin_lines() -> Iterator[bytes]:
+    for line in sys.stdin.buffer:
+        yield line.rstrip(b"\n")
+
+
+@cli.command("publish")
+@click.argument("stream")
+@click.argument("messages", nargs=-1)
+def publish_(stream: str, messages: tuple[str, ...]) -> None:
+    """Publish MESSAGES (or stdin lines until EOF) to STREAM, with confirms."""
+    source = (m.encode() for m in messages) if messages else _stdin_lines()
+    try:
+        count = publish(_broker_url(), stream, source)
+    except StreamError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        return
+    click.echo(f"published {count} message(s) to {stream}", err=True)
+
+
+@cli.command("consume")
+@click.argument("stream")
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many messages.")
+@click.option("--timeout", type=click.FloatRange(min=0),
+              help="Stop after this many seconds without a message.")
+@click.option("--raw", is_flag=True, help="Write bodies as raw bytes, nothing added.")
+@click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Body text per line, or a JSON object per line.")
+def consume_(stream: str, count: int | None, timeout: float | None, raw: bool,
+             fmt: str) -> None:
+    """Print each message of STREAM as it arrives (Ctrl-C stops)."""
+    out = sys.stdout.buffer
+
+    def show(body: bytes, props: pika.BasicProperties) -> None:
+        if raw:
+            out.write(body)
+        elif fmt == "json":
+            headers = {k: (v.decode(errors="replace") if isinstance(v, bytes) else v)
+                       for k, v in (props.headers or {}).items()}
+            try:
+                payload: dict[str, Any] = {"body": body.decode()}
+            except UnicodeDecodeError:
+                payload = {"body_base64": base64.b64encode(body).decode()}
+            out.write(json.dumps({**payload, "headers": headers}, default=str).encode() + b"\n")
+        else:
+            out.write(body.rstrip(b"\n") + b"\n")
+        out.flush()
+
+    try:
+        consume(_broker_url(), stream, show, count=count, timeout=timeout)
+    except StreamError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        return
 
 
 def main() -> None:
     """Entry point of the ``streamboss`` console script."""
     run_cli(cli, "streamboss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The manager's HTTP+JSON API under ``/v1`` (OpenAPI at ``/openapi.json``).
+
+Declarations are validated by the store; the broker topology they need is
+created before the store commits, so a declaration the broker cannot carry is
+not written, and a stream or operation exists on the broker by the time the
+call returns (nothing published right after is lost).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from .broker import Broker, BrokerUnavailable
+from .graph import render_graph
+from .reconciler import Reconciler
+from .store import Store, StoreError
+
+
+class StreamIn(BaseModel):
+    name: str
+
+
+class OperationIn(BaseModel):
+    name: str
+    definition: str = Field(description="definition id or name (newest version)")
+    input: str
+    output: str
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manager:
+    """What the API works on: the store, a broker handle for topology, the reconciler."""
+
+    def __init__(self, store: Store, broker: Broker, reconciler: Reconciler | None,
+                 token: str | None, dispatcher_name: str = "local") -> None:
+        self.store = store
+        self.broker = broker
+        self.reconciler = reconciler
+        self.token = token
+        self.dispatcher_name = dispatcher_name
+        self.broker_lock = threading.Lock()
+
+    def on_broker(self, action: Callable[[Broker], None]) -> None:
+        """Run ``action`` on the broker, one caller at a time (pika is not thread-safe)."""
+        with self.broker_lock:
+            action(self.broker)
+
+    def changed(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.wake()
+
+
+def create_app(manager: Manager) -> FastAPI:
+    app = FastAPI(title="streamboss manager", version="1", openapi_url="/openapi.json")
+
+    def authorize(request: Request) -> None:
+        if manager.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        supplied = ""
+        if scheme.lower() == "bearer":
+            supplied = value.strip()
+        elif scheme.lower() == "basic":
+            # The seed's registration call sends HTTP basic auth; the token is the password.
+            try:
+                supplied = base64.b64decode(value).decode().partition(":")[2]
+            except ValueError:
+                supplied = ""
+        if not hmac.compare_digest(supplied.encode(), manager.token.encode()):
+            raise HTTPException(401, "missing or wrong token: set STREAMBOSS_TOKEN",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(StoreError)
+    def store_error(_request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(BrokerUnavailable)
+    def broker_error(_request: Request, exc: BrokerUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    v1 = [Depends(authorize)]
+
+    # -- streams -----------------------------------------------------------------
+
+    @app.get("/v1/streams", dependencies=v1)
+    def list_streams() -> list[dict[str, Any]]:
+        return [{"name": s.name, "created_at": s.created_at} for s in manager.store.streams()]
+
+    @app.post("/v1/streams", dependencies=v1, status_code=201)
+    def create_stream(stream: StreamIn) -> dict[str, Any]:
+        manager.store.check_stream_name(stream.name)
+        manager.on_broker(lambda b: b.ensure_stream(stream.name))
+        created, new = manager.store.create_stream(stream.name)
+        manager.changed()
+        return {"name": created.name, "created_at": created.created_at, "created": new}
+
+    @app.delete("/v1/streams/{name}", dependencies=v1)
+    def delete_stream(name: str, force: bool = False) -> dict[str, Any]:
+        removed = manager.store.delete_stream(name, force=force)
+        manager.on_broker(lambda b: b.delete_stream(name))
+        manager.changed()
+        return {"deleted": name, "operations_deleted": removed}
+
+    # -- process definitions -----------------------------------------------------
+
+    @app.get("/v1/definitions", dependencies=v1)
+    def list_definitions() -> list[dict[str, Any]]:
+        return [d.to_dict() for d in manager.store.definitions()]
+
+    @app.post("/v1/definitions", dependencies=v1, status_code=201)
+    def define_process(body: Annotated[dict[str, Any], Body()],
+                       name: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+        return manager.store.define_process(body, name=name).to_dict()
+
+    @app.get("/v1/definitions/{ref}", dependencies=v1)
+    def get_definition(ref: str) -> dict[str, Any]:
+        definition = manager.store.get_definition(ref)
+        if definition is None:
+            raise StoreError(f"process definition {ref!r} does not exist", 404)
+        return definition.to_dict()
+
+    @app.delete("/v1/definitions/{ref}", dependencies=v1)
+    def delete_process(ref: str, force: bool = False) -> dict[str, Any]:
+        removed = manager.store.delete_process(ref, force=force)
+        manager.changed()
+        return {"deleted": ref, "operations_deleted": removed}
+
+    @app.post("/api/process_definition/", dependencies=v1, include_in_schema=False)
+    def seed_define_process(body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+        # The seed's own registration call, answered the way its tools expect.
+        definition = manager.store.define_process(body)
+        return {"id": definition.id, "name": definition.name}
+
+    # -- operations --------------------------------------------------------------
+
+    @app.get("/v1/operations", dependencies=v1)
+    def list_operations() -> list[dict[str, Any]]:
+        return [op.to_dict() for op in manager.store.operations()]
+
+    @app.post("/v1/operations", dependencies=v1, status_code=201)
+    def create_operation(op: OperationIn) -> dict[str, Any]:
+        def topology(b: Broker) -> None:
+            b.ensure_stream(op.output)
+            b.ensure_operation(op.name, op.input)
+
+        created = manager.store.create_operation(
+            op.name, op.definition, op.input, op.output, op.policy,
+            before_commit=lambda: manager.on_broker(topology))
+        manager.changed()
+        return created.to_dict()
+
+    @app.delete("/v1/operations/{name}", dependencies=v1)
+    def delete_operation(name: str) -> dict[str, Any]:
+        manager.store.delete_operation(name)
+        manager.changed()
+        return {"deleted": name}
+
+    # -- observation -------------------------------------------------------------
+
+    @app.get("/v1/status", dependencies=v1)
+    def status() -> dict[str, Any]:
+        reconciler = manager.reconciler
+        operations = [s.to_dict() for s in reconciler.status.values()] if reconciler else []
+        return {
+            "dispatcher": manager.dispatcher_name,
+            "reconciler_error": reconciler.last_error if reconciler else None,
+            "demand_observed": reconciler.management if reconciler else False,
+            "operations": operations,
+        }
+
+    @app.get("/v1/graph", dependencies=v1, response_class=PlainTextResponse)
+    def graph(format: Literal["mermaid", "dot"] = "mermaid") -> str:
+        return render_graph(manager.store.streams(), manager.store.operations(), format)
+
+    @app.get("/v1/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,231 @@
+"""The ``local`` dispatcher: stream agents as child processes of the manager.
+
+Each agent gets its operation from a definition file in the state directory
+and the broker URL through its environment (never argv). Scale-in sends
+SIGTERM so the agent drains its in-flight window; a crashed agent is replaced
+with backoff. Agents outlive a manager that is killed: their pid files let the
+next manager stop them cleanly before it starts its own set, so there are
+never two sets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streamboss.agent.config import BROKER_URL_ENV
+
+from .model import Definition, Operation
+
+log = logging.getLogger(__name__)
+
+# A crashing agent is restarted after 1 s, then 2, 4 ... up to a minute.
+RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 60.0
+# How long the manager waits for agents of a previous run to drain on start-up.
+ADOPT_DRAIN_TIMEOUT = 40.0
+
+
+@dataclass
+class AgentProcess:
+    process: subprocess.Popen[bytes]
+    pid_file: Path
+    draining: bool = False
+
+
+@dataclass
+class Pool:
+    """The agents of one operation."""
+
+    agents: list[AgentProcess] = field(default_factory=list)
+    restart_delay: float = RESTART_DELAY
+    not_before: float = 0.0
+    failures: int = 0
+
+    @property
+    def running(self) -> int:
+        return sum(1 for a in self.agents if not a.draining)
+
+    @property
+    def draining(self) -> int:
+        return sum(1 for a in self.agents if a.draining)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _is_agent(pid: int) -> bool:
+    """Whether ``pid`` is still a streamboss agent (pids are reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"streamboss.agent" in cmdline
+
+
+class LocalDispatcher:
+    """Starts, scales and supervises agents on this machine.
+
+    Parameters:
+        state_dir: where definition and pid files live (``agents/``).
+        broker_url: handed to agents through their environment.
+    """
+
+    def __init__(self, state_dir: Path, broker_url: str, log_dir: Path | None = None) -> None:
+        self.dir = state_dir / "agents"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.log_dir = log_dir or (state_dir / "logs")
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.broker_url = broker_url
+        self.pools: dict[str, Pool] = {}
+        self._sequence = 0
+
+    # -- start-up ----------------------------------------------------------------
+
+    def replace_previous(self) -> int:
+        """SIGTERM agents a previous manager left running and wait for them to drain.
+
+        Returns:
+            how many were found.
+        """
+        found: list[int] = []
+        for pid_file in sorted(self.dir.glob("*.pid")):
+            try:
+                pid = int(pid_file.read_text().strip())
+            except (OSError, ValueError):
+                pid_file.unlink(missing_ok=True)
+                continue
+            if _alive(pid) and _is_agent(pid):
+                os.kill(pid, signal.SIGTERM)
+                found.append(pid)
+            else:
+                pid_file.unlink(missing_ok=True)
+        deadline = time.monotonic() + ADOPT_DRAIN_TIMEOUT
+        while found and time.monotonic() < deadline:
+            found = [pid for pid in found if _alive(pid)]
+            time.sleep(0.1)
+        for pid in found:
+            log.warning("agent %d from a previous run did not drain in time; killing it", pid)
+            os.kill(pid, signal.SIGKILL)
+        for pid_file in self.dir.glob("*.pid"):
+            pid_file.unlink(missing_ok=True)
+        return len(found)
+
+    # -- scaling -------------------------------------------------------------------
+
+    def running(self, operation: str) -> int:
+        pool = self.pools.get(operation)
+        return pool.running if pool else 0
+
+    def status(self, operation: str) -> dict[str, int]:
+        pool = self.pools.get(operation)
+        if pool is None:
+            return {"running": 0, "draining": 0, "restarts": 0}
+        return {"running": pool.running, "draining": pool.draining, "restarts": pool.failures}
+
+    def scale(self, operation: Operation, definition: Definition, count: int) -> None:
+        """Bring ``operation`` to ``count`` running agents (draining ones not counted)."""
+        self.reap()
+        pool = self.pools.setdefault(operation.name, Pool())
+        while pool.running > count:
+            # Newest first: the oldest agents have the warmest caches and connections.
+            victim = next(a for a in reversed(pool.agents) if not a.draining)
+            victim.draining = True
+            log.info("%s: scaling in; agent %d drains and exits", operation.name,
+                     victim.process.pid)
+            victim.process.send_signal(signal.SIGTERM)
+        if pool.running < count and time.monotonic() >= pool.not_before:
+            definition_file = self._write_definition(operation, definition)
+            while pool.running < count:
+                pool.agents.append(self._spawn(operation, definition_file))
+
+    def stop_all(self, timeout: float = 40.0) -> None:
+        """SIGTERM every agent and wait for them to drain (the manager is stopping)."""
+        for pool in self.pools.values():
+            for agent in pool.agents:
+                if agent.process.poll() is None:
+                    agent.draining = True
+                    agent.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for pool in self.pools.values():
+            for agent in pool.agents:
+                try:
+                    agent.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    agent.process.kill()
+                    agent.process.wait()
+                agent.pid_file.unlink(missing_ok=True)
+        self.pools.clear()
+
+    def forget(self, operation: str) -> None:
+        """The operation was deleted: drain and stop its agents."""
+        pool = self.pools.get(operation)
+        if pool is None:
+            return
+        for agent in pool.agents:
+            if not agent.draining:
+                agent.draining = True
+                agent.process.send_signal(signal.SIGTERM)
+
+    def reap(self) -> None:
+        """Collect exited agents; a crash (not a drain) delays the next start with backoff."""
+        now = time.monotonic()
+        for name, pool in list(self.pools.items()):
+            for agent in list(pool.agents):
+                code = agent.process.poll()
+                if code is None:
+                    continue
+                pool.agents.remove(agent)
+                agent.pid_file.unlink(missing_ok=True)
+                if agent.draining and code == 0:
+                    continue
+                pool.failures += 1
+                pool.not_before = now + pool.restart_delay
+                log.warning("%s: agent %d exited with %d; restarting in %.0fs", name,
+                            agent.process.pid, code, pool.restart_delay)
+                pool.restart_delay = min(pool.restart_delay * 2, RESTART_DELAY_MAX)
+            if not pool.agents and pool.not_before <= now:
+                pool.restart_delay = RESTART_DELAY
+
+    # -- processes -------------------------------------------------------------------
+
+    def _write_definition(self, operation: Operation, definition: Definition) -> Path:
+        path = self.dir / f"{operation.name}.definition.json"
+        path.write_text(json.dumps({"definition": definition.body}, indent=2))
+        return path
+
+    def _spawn(self, operation: Operation, definition_file: Path) -> AgentProcess:
+        self._sequence += 1
+        env = dict(os.environ)
+        env[BROKER_URL_ENV] = self.broker_url
+        argv = [sys.executable, "-m", "streamboss.agent", "--operation", operation.name,
+                "--input", operation.input, "--output", operation.output,
+                "--definition", str(definition_file)]
+        log_file = self.log_dir / f"{operation.name}.log"
+        with log_file.open("ab") as log_handle:
+            process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                       stdout=log_handle, stderr=log_handle,
+                                       start_new_session=True)
+        pid_file = self.dir / f"{operation.name}.{process.pid}.pid"
+        pid_file.write_text(f"{process.pid}\n")
+        log.info("%s: started agent %d", operation.name, process.pid)
+        return AgentProcess(process, pid_file)

@@ -1,0 +1,68 @@
+"""The declarations the manager keeps: streams, process definitions, operations."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Phantom-style policy defaults for the local dispatcher: scale to zero when
+# nobody listens, at most a few agents on one machine.
+DEFAULT_MIN = 0
+DEFAULT_MAX = 4
+# One agent per 1,000 waiting messages: an agent relays several thousand a
+# second, so a backlog this size clears within a second or two per agent.
+DEFAULT_TARGET_BACKLOG = 1000
+DEFAULT_SCALE_OUT_COOLDOWN = 5.0
+DEFAULT_SCALE_IN_COOLDOWN = 30.0
+DEFAULT_IDLE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class ScalingPolicy:
+    """How many agents an operation may have and how fast that number moves."""
+
+    min: int = DEFAULT_MIN
+    max: int = DEFAULT_MAX
+    target_backlog_per_agent: int = DEFAULT_TARGET_BACKLOG
+    scale_out_cooldown: float = DEFAULT_SCALE_OUT_COOLDOWN
+    scale_in_cooldown: float = DEFAULT_SCALE_IN_COOLDOWN
+    idle_seconds: float = DEFAULT_IDLE_SECONDS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Definition:
+    """A process definition: ``body`` is the agent's definition object (exec, mode, ...)."""
+
+    id: int
+    name: str
+    version: int
+    body: dict[str, Any]
+    created_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "version": self.version,
+                "definition": self.body, "created_at": self.created_at}
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    definition_id: int
+    input: str
+    output: str
+    policy: ScalingPolicy = field(default_factory=ScalingPolicy)
+    created_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "definition_id": self.definition_id, "input": self.input,
+                "output": self.output, "policy": self.policy.to_dict(),
+                "created_at": self.created_at}

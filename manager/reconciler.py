@@ -1,0 +1,210 @@
+"""The reconciler: make the broker and the agents match the declarations.
+
+About once a second it reads the declarations and the broker (which queues
+are bound to each stream, their depth and consumers), works out which
+operations are wanted, decides agent counts with each operation's scaling
+policy and applies them through the dispatcher. Every step is idempotent, so
+a pass interrupted by a crash is completed by the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from streamboss.agent.naming import operation_queue
+
+from .broker import SUBSCRIPTION_PREFIX, Broker, BrokerUnavailable, Subscriber
+from .model import Definition, Operation
+from .scaling import ScaleState, decide
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 1.0
+# Declares are idempotent but cost round trips; re-assert them this often, and
+# at once after any declaration changes or the broker comes back.
+TOPOLOGY_REFRESH = 10.0
+DEAD_QUEUE_PREFIX = "sb.dead."
+
+
+class Dispatcher(Protocol):
+    def scale(self, operation: Operation, definition: Definition, count: int) -> None: ...
+    def status(self, operation: str) -> dict[str, int]: ...
+    def forget(self, operation: str) -> None: ...
+    def reap(self) -> None: ...
+
+
+@dataclass
+class OperationStatus:
+    name: str
+    input: str
+    output: str
+    wanted: bool
+    desired: int
+    running: int
+    draining: int
+    restarts: int
+    backlog: int
+    dead_lettered: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dead_queue(operation: str) -> str:
+    """The durable queue that keeps an operation's dead letters until someone reads them."""
+    return DEAD_QUEUE_PREFIX + operation
+
+
+def wanted_operations(operations: list[Operation],
+                      subscribers: dict[str, list[Subscriber]]) -> set[str]:
+    """Operations whose output has a subscriber: a consumer, a named durable
+    subscription, or a wanted downstream operation (so chains wake backwards)."""
+    by_name = {op.name: op for op in operations}
+    memo: dict[str, bool] = {}
+
+    def wanted(name: str, seen: frozenset[str]) -> bool:
+        if name in memo:
+            return memo[name]
+        if name in seen:
+            return False
+        result = False
+        for sub in subscribers.get(by_name[name].output, []):
+            downstream = sub.operation
+            if downstream is not None and downstream in by_name:
+                if wanted(downstream, seen | {name}):
+                    result = True
+            elif sub.consumers > 0 or sub.queue.startswith(SUBSCRIPTION_PREFIX):
+                result = True
+            if result:
+                break
+        memo[name] = result
+        return result
+
+    return {name for name in by_name if wanted(name, frozenset())}
+
+
+class Reconciler:
+    """Runs passes on a thread until stopped; :meth:`wake` runs one now."""
+
+    def __init__(self, store: Store, broker: Broker, dispatcher: Dispatcher,
+                 interval: float = INTERVAL) -> None:
+        self.store = store
+        self.broker = broker
+        self.dispatcher = dispatcher
+        self.interval = interval
+        self.states: dict[str, ScaleState] = {}
+        self.status: dict[str, OperationStatus] = {}
+        self.last_error: str | None = None
+        self.management = True
+        self._topology_at = float("-inf")
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._retiring: set[str] = set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def wake(self, topology_changed: bool = True) -> None:
+        if topology_changed:
+            self._topology_at = float("-inf")
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_pass()
+                self.last_error = None
+            except BrokerUnavailable as exc:
+                if self.last_error != str(exc):
+                    log.error("%s", exc)
+                self.last_error = str(exc)
+                self._topology_at = float("-inf")
+            except Exception as exc:  # keep reconciling; the next pass may repair it
+                log.exception("reconciler pass failed")
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._topology_at = float("-inf")
+                self.broker.close()
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def run_pass(self, now: float | None = None) -> None:
+        """One reconciliation: topology, demand, scale."""
+        with self._lock:
+            now = time.monotonic() if now is None else now
+            operations = self.store.operations()
+            if now - self._topology_at >= TOPOLOGY_REFRESH:
+                self._apply_topology(operations)
+                self._topology_at = now
+            subscribers = self._observe(operations)
+            wanted = (wanted_operations(operations, subscribers) if self.management
+                      else {op.name for op in operations})
+            self.dispatcher.reap()
+            status: dict[str, OperationStatus] = {}
+            for op in operations:
+                definition = self.store.get_definition(str(op.definition_id))
+                if definition is None:
+                    continue
+                queue = self.broker.queue_state(operation_queue(op.name))
+                backlog = queue.messages if queue else 0
+                state = self.states.setdefault(op.name, ScaleState())
+                count = decide(op.policy, state, op.name in wanted, backlog, now)
+                self.dispatcher.scale(op, definition, count)
+                dead = self.broker.queue_state(dead_queue(op.name))
+                agents = self.dispatcher.status(op.name)
+                status[op.name] = OperationStatus(
+                    op.name, op.input, op.output, op.name in wanted, count,
+                    agents["running"], agents["draining"], agents["restarts"], backlog,
+                    dead.messages if dead else 0)
+            names = {op.name for op in operations}
+            for gone in set(self.states) - names:
+                del self.states[gone]
+                self.dispatcher.forget(gone)
+                self._retiring.add(gone)
+            self._retire(names)
+            self.status = status
+
+    def _retire(self, declared: set[str]) -> None:
+        """Delete a deleted operation's queue once its agents are gone: an agent
+        still draining would declare the queue again on reconnect."""
+        for name in list(self._retiring):
+            if name in declared:
+                self._retiring.discard(name)
+                continue
+            agents = self.dispatcher.status(name)
+            if agents["running"] == 0 and agents["draining"] == 0:
+                self.broker.delete_operation(name)
+                self._retiring.discard(name)
+
+    def _apply_topology(self, operations: list[Operation]) -> None:
+        for stream in self.store.streams():
+            self.broker.ensure_stream(stream.name)
+        for op in operations:
+            self.broker.ensure_operation(op.name, op.input)
+            self.broker.ensure_dead_queue(op.name, dead_queue(op.name))
+
+    def _observe(self, operations: list[Operation]) -> dict[str, list[Subscriber]]:
+        outputs = {op.output for op in operations}
+        try:
+            return {stream: self.broker.subscribers(stream) for stream in outputs}
+        except BrokerUnavailable as exc:
+            if self.management:
+                log.warning("%s; until then every operation counts as wanted", exc)
+            self.management = False
+            return {}
+        finally:
+            if not self.management and self.broker.management_available():
+                self.management = True

@@ -1,0 +1,114 @@
+"""``streamboss manager`` and ``streamboss up``: the API, the reconciler and a dispatcher."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from streamboss.agent.config import redact
+
+from .api import Manager, create_app
+from .broker import Broker
+from .dispatch_local import LocalDispatcher
+from .reconciler import Reconciler
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "STREAMBOSS_TOKEN"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8181
+
+
+class ServerError(RuntimeError):
+    """The manager cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    state_dir: Path
+    broker_url: str
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    dispatcher: str = "local"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def token_for(host: str) -> str | None:
+    """The bearer token: required when binding beyond loopback, optional otherwise.
+
+    Raises:
+        ServerError: a non-loopback bind without ``STREAMBOSS_TOKEN``.
+    """
+    token = os.environ.get(TOKEN_ENV) or None
+    if token is None and not is_loopback(host):
+        raise ServerError(f"binding the manager to {host} requires a token: set {TOKEN_ENV} "
+                          "(clients send it as a bearer token)")
+    return token
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServerError(f"cannot listen on {host}:{port} ({exc.strerror}): is another "
+                              "manager running? pick another --port") from None
+
+
+def serve(config: ServerConfig, banner: bool = False) -> None:
+    """Run the manager in the foreground until SIGINT/SIGTERM; stop every agent it started.
+
+    Raises:
+        ServerError: bad bind, busy port, or an unknown dispatcher.
+    """
+    if config.dispatcher != "local":
+        raise ServerError(f"dispatcher {config.dispatcher!r} is not available in this version: "
+                          "use --dispatcher local")
+    token = token_for(config.host)
+    check_port_free(config.host, config.port)
+    store = Store(config.state_dir)
+    dispatcher = LocalDispatcher(config.state_dir, config.broker_url)
+    replaced = dispatcher.replace_previous()
+    if replaced:
+        log.info("stopped %d agent(s) left by a previous manager", replaced)
+    reconciler = Reconciler(store, Broker(config.broker_url), dispatcher)
+    manager = Manager(store, Broker(config.broker_url), reconciler, token, config.dispatcher)
+    app = create_app(manager)
+    url = f"http://{config.host}:{config.port}"
+    if banner:
+        objects = config.state_dir / "objects"
+        objects.mkdir(parents=True, exist_ok=True)
+        print(f"streamboss is up\n"
+              f"  manager API   {url}/v1   (OpenAPI: {url}/docs)\n"
+              f"  broker        {redact(config.broker_url)}\n"
+              f"  state         {config.state_dir}\n"
+              f"  objects       file://{objects}\n"
+              f"  agent logs    {config.state_dir / 'logs'}\n"
+              f"In another shell: export STREAMBOSS_URL={url}; streamboss --help\n"
+              f"Ctrl-C stops the manager and every agent it started.", flush=True)
+    reconciler.start()
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
+                    access_log=False)
+    finally:
+        reconciler.stop()
+        dispatcher.stop_all()
+        manager.broker.close()
+        reconciler.broker.close()
+        store.close()

@@ -1,0 +1,348 @@
+"""The declaration store: SQLite in the state directory, one file, WAL.
+
+Every declaration is validated before anything is written, and each change is
+one transaction, so a refused declaration leaves nothing half written.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from streamboss.agent.config import ConfigError, parse_definition
+from streamboss.agent.naming import InvalidName, check_name
+
+from .model import Definition, Operation, ScalingPolicy, Stream
+
+DB_NAME = "streamboss.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (
+    name TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS definitions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE TABLE IF NOT EXISTS operations (
+    name TEXT PRIMARY KEY,
+    definition_id INTEGER NOT NULL REFERENCES definitions(id),
+    input TEXT NOT NULL REFERENCES streams(name),
+    output TEXT NOT NULL REFERENCES streams(name),
+    policy TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""
+
+
+class StoreError(ValueError):
+    """A declaration refused; ``status`` is the HTTP status that says why."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _name(kind: str, name: str) -> str:
+    try:
+        return check_name(kind, name)
+    except InvalidName as exc:
+        raise StoreError(str(exc)) from None
+
+
+def parse_policy(values: dict[str, Any] | None) -> ScalingPolicy:
+    """Validate a scaling policy given as a partial dict over the defaults.
+
+    Raises:
+        StoreError: an unknown field, a negative number, or min > max.
+    """
+    values = {k.replace("-", "_"): v for k, v in (values or {}).items() if v is not None}
+    known = {f.name for f in fields(ScalingPolicy)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise StoreError(f"unknown scaling policy field(s) {', '.join(unknown)}: "
+                         f"allowed are {', '.join(sorted(known))}")
+    defaults = ScalingPolicy()
+    merged: dict[str, Any] = {}
+    for name in known:
+        value = values.get(name, getattr(defaults, name))
+        integer = name in ("min", "max", "target_backlog_per_agent")
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                integer and not isinstance(value, int)):
+            raise StoreError(f"scaling policy {name} must be a "
+                             f"{'whole number' if integer else 'number'}, got {value!r}")
+        if value < 0:
+            raise StoreError(f"scaling policy {name} must not be negative, got {value!r}")
+        merged[name] = value
+    if merged["target_backlog_per_agent"] < 1:
+        raise StoreError("scaling policy target_backlog_per_agent must be at least 1")
+    if merged["min"] > merged["max"]:
+        raise StoreError(f"scaling policy min ({merged['min']}) is above max ({merged['max']})")
+    return ScalingPolicy(**merged)
+
+
+class Store:
+    """Streams, process definitions and operations, validated and persisted."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / DB_NAME
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=10)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- streams ---------------------------------------------------------------
+
+    @staticmethod
+    def check_stream_name(name: str) -> None:
+        """Raises: StoreError for a name the broker naming cannot carry."""
+        _name("stream", name)
+
+    def create_stream(self, name: str) -> tuple[Stream, bool]:
+        """Create ``name`` if it is new; return it and whether it was created."""
+        _name("stream", name)
+        with self._write() as db:
+            created = self._ensure_stream(db, name)
+        stream = self.get_stream(name)
+        assert stream is not None
+        return stream, created
+
+    @staticmethod
+    def _ensure_stream(db: sqlite3.Connection, name: str) -> bool:
+        cursor = db.execute("INSERT OR IGNORE INTO streams (name, created_at) VALUES (?, ?)",
+                            (name, _now()))
+        return cursor.rowcount == 1
+
+    def get_stream(self, name: str) -> Stream | None:
+        row = self._db.execute("SELECT * FROM streams WHERE name = ?", (name,)).fetchone()
+        return Stream(row["name"], row["created_at"]) if row else None
+
+    def streams(self) -> list[Stream]:
+        rows = self._db.execute("SELECT * FROM streams ORDER BY name").fetchall()
+        return [Stream(r["name"], r["created_at"]) for r in rows]
+
+    def delete_stream(self, name: str, force: bool = False) -> list[str]:
+        """Delete a stream; with ``force`` also the operations that use it.
+
+        Returns:
+            the names of the operations deleted with it.
+        Raises:
+            StoreError: the stream does not exist (404) or is in use without ``force`` (409).
+        """
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM streams WHERE name = ?", (name,)).fetchone():
+                raise StoreError(f"stream {name!r} does not exist", 404)
+            users = [r["name"] for r in db.execute(
+                "SELECT name FROM operations WHERE input = ? OR output = ? ORDER BY name",
+                (name, name))]
+            if users and not force:
+                raise StoreError(
+                    f"stream {name!r} is used by operation(s) {', '.join(users)}: delete them "
+                    "first or pass --force to delete them with it", 409)
+            db.execute("DELETE FROM operations WHERE input = ? OR output = ?", (name, name))
+            db.execute("DELETE FROM streams WHERE name = ?", (name,))
+        return users
+
+    # -- process definitions --------------------------------------------------
+
+    def define_process(self, data: Any, name: str | None = None) -> Definition:
+        """Store a new definition (a new version when the name exists).
+
+        Raises:
+            StoreError: a malformed definition or a missing/invalid name.
+        """
+        try:
+            parsed = parse_definition(data)
+        except ConfigError as exc:
+            raise StoreError(str(exc)) from None
+        body = data["definition"] if isinstance(data.get("definition"), dict) else data
+        body = {k.replace("-", "_"): v for k, v in body.items()}
+        def_name = name or parsed.name
+        if not def_name:
+            raise StoreError("process definition needs a 'name' (or pass --name)")
+        _name("process definition", def_name)
+        body["name"] = def_name
+        with self._write() as db:
+            row = db.execute("SELECT MAX(version) AS v FROM definitions WHERE name = ?",
+                             (def_name,)).fetchone()
+            version = (row["v"] or 0) + 1
+            cursor = db.execute(
+                "INSERT INTO definitions (name, version, body, created_at) VALUES (?, ?, ?, ?)",
+                (def_name, version, json.dumps(body, sort_keys=True), _now()))
+            ident = cursor.lastrowid
+        definition = self.get_definition(str(ident))
+        assert definition is not None
+        return definition
+
+    @staticmethod
+    def _definition(row: sqlite3.Row) -> Definition:
+        return Definition(row["id"], row["name"], row["version"], json.loads(row["body"]),
+                          row["created_at"])
+
+    def get_definition(self, ref: str | int) -> Definition | None:
+        """A definition by numeric id, or the newest version of a name."""
+        ref = str(ref)
+        if ref.isdigit():
+            row = self._db.execute("SELECT * FROM definitions WHERE id = ?", (int(ref),)).fetchone()
+        else:
+            row = self._db.execute(
+                "SELECT * FROM definitions WHERE name = ? ORDER BY version DESC LIMIT 1",
+                (ref,)).fetchone()
+        return self._definition(row) if row else None
+
+    def definitions(self) -> list[Definition]:
+        rows = self._db.execute("SELECT * FROM definitions ORDER BY id").fetchall()
+        return [self._definition(r) for r in rows]
+
+    def delete_process(self, ref: str, force: bool = False) -> list[str]:
+        """Delete a definition (every version, when named); ``force`` also drops its operations.
+
+        Raises:
+            StoreError: unknown (404) or in use without ``force`` (409).
+        """
+        with self._write() as db:
+            if ref.isdigit():
+                ids = [r["id"] for r in db.execute("SELECT id FROM definitions WHERE id = ?",
+                                                   (int(ref),))]
+            else:
+                ids = [r["id"] for r in db.execute("SELECT id FROM definitions WHERE name = ?",
+                                                   (ref,))]
+            if not ids:
+                raise StoreError(f"process definition {ref!r} does not exist", 404)
+            marks = ",".join("?" * len(ids))
+            users = [r["name"] for r in db.execute(
+                f"SELECT name FROM operations WHERE definition_id IN ({marks}) ORDER BY name",
+                ids)]
+            if users and not force:
+                raise StoreError(
+                    f"process definition {ref!r} is used by operation(s) {', '.join(users)}: "
+                    "delete them first or pass --force", 409)
+            db.execute(f"DELETE FROM operations WHERE definition_id IN ({marks})", ids)
+            db.execute(f"DELETE FROM definitions WHERE id IN ({marks})", ids)
+        return users
+
+    # -- operations ------------------------------------------------------------
+
+    @staticmethod
+    def _operation(row: sqlite3.Row) -> Operation:
+        return Operation(row["name"], row["definition_id"], row["input"], row["output"],
+                         ScalingPolicy(**json.loads(row["policy"])), row["created_at"])
+
+    def create_operation(self, name: str, definition_ref: str, input_stream: str,
+                         output_stream: str, policy: dict[str, Any] | None = None,
+                         before_commit: Callable[[], None] | None = None) -> Operation:
+        """Declare an operation; its output stream is created when new.
+
+        ``before_commit`` runs once everything is validated, inside the
+        transaction: if it raises (the broker is away), nothing is written.
+
+        Raises:
+            StoreError: invalid names, unknown input or definition (404), an existing
+                operation (409), a cycle (409) or a bad policy.
+        """
+        _name("operation", name)
+        _name("input stream", input_stream)
+        _name("output stream", output_stream)
+        scaling = parse_policy(policy)
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM operations WHERE name = ?", (name,)).fetchone():
+                raise StoreError(f"operation {name!r} already exists: delete it first", 409)
+            if not db.execute("SELECT 1 FROM streams WHERE name = ?",
+                              (input_stream,)).fetchone():
+                raise StoreError(f"input stream {input_stream!r} does not exist: create it "
+                                 f"with `streamboss create-stream {input_stream}`", 404)
+            definition = self.get_definition(definition_ref)
+            if definition is None:
+                raise StoreError(f"process definition {definition_ref!r} does not exist: "
+                                 "define it with `streamboss define-process FILE`", 404)
+            edges = [(r["input"], r["name"], r["output"])
+                     for r in db.execute("SELECT name, input, output FROM operations")]
+            cycle = find_cycle(edges, (input_stream, name, output_stream))
+            if cycle:
+                raise StoreError(f"operation {name!r} would make a cycle: {cycle}", 409)
+            self._ensure_stream(db, output_stream)
+            db.execute(
+                "INSERT INTO operations (name, definition_id, input, output, policy, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (name, definition.id, input_stream, output_stream,
+                 json.dumps(scaling.to_dict()), _now()))
+            if before_commit is not None:
+                before_commit()
+        operation = self.get_operation(name)
+        assert operation is not None
+        return operation
+
+    def get_operation(self, name: str) -> Operation | None:
+        row = self._db.execute("SELECT * FROM operations WHERE name = ?", (name,)).fetchone()
+        return self._operation(row) if row else None
+
+    def operations(self) -> list[Operation]:
+        rows = self._db.execute("SELECT * FROM operations ORDER BY name").fetchall()
+        return [self._operation(r) for r in rows]
+
+    def delete_operation(self, name: str) -> None:
+        """Raises: StoreError (404) when there is no such operation."""
+        with self._write() as db:
+            if db.execute("DELETE FROM operations WHERE name = ?", (name,)).rowcount == 0:
+                raise StoreError(f"operation {name!r} does not exist", 404)
+
+
+def find_cycle(edges: list[tuple[str, str, str]], new: tuple[str, str, str]) -> str | None:
+    """Return the cycle that ``new`` (input, operation, output) would close, spelled out.
+
+    A cycle exists when ``new``'s output reaches its input through existing operations.
+    """
+    source, op_name, sink = new
+    following: dict[str, list[tuple[str, str]]] = {}
+    for stream_in, name, stream_out in edges:
+        following.setdefault(stream_in, []).append((name, stream_out))
+    # Depth-first from the new output, remembering how each stream was reached.
+    path: dict[str, tuple[str, str] | None] = {sink: None}
+    stack = [sink]
+    while stack:
+        stream = stack.pop()
+        if stream == source:
+            hops: list[str] = []
+            while path[stream] is not None:
+                previous, via = path[stream]  # type: ignore[misc]
+                hops.append(f"-[{via}]-> {stream}")
+                stream = previous
+            route = " ".join(reversed(hops))
+            return f"{source} -[{op_name}]-> {sink}" + (f" {route}" if route else "")
+        for via, nxt in following.get(stream, []):
+            if nxt not in path:
+                path[nxt] = (stream, via)
+                stack.append(nxt)
+    return None

@@ -1,0 +1,89 @@
+"""``publish`` and ``consume``: talk to a stream on the broker directly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pika
+import pika.exceptions
+
+from streamboss.agent.config import redact
+from streamboss.agent.headers import output_properties
+from streamboss.agent.naming import stream_exchange
+
+SOURCE = "/streamboss/cli"
+
+
+class StreamError(RuntimeError):
+    """A stream that cannot be used; the message says why."""
+
+
+def _connect(url: str) -> pika.BlockingConnection:
+    try:
+        return pika.BlockingConnection(pika.URLParameters(url))
+    except pika.exceptions.AMQPError as exc:
+        raise StreamError(f"cannot reach the broker at {redact(url)} "
+                          f"({exc.__class__.__name__}): start RabbitMQ or set "
+                          "STREAMBOSS_BROKER_URL") from None
+
+
+def _check_stream(channel: pika.adapters.blocking_connection.BlockingChannel,
+                  stream: str) -> None:
+    try:
+        channel.exchange_declare(stream_exchange(stream), "topic", passive=True)
+    except pika.exceptions.ChannelClosedByBroker:
+        raise StreamError(f"stream {stream!r} does not exist: create it with "
+                          f"`streamboss create-stream {stream}`") from None
+
+
+def publish(url: str, stream: str, messages: Iterable[bytes]) -> int:
+    """Publish each message with confirms; return how many the broker confirmed.
+
+    Raises:
+        StreamError: the broker is away or the stream does not exist.
+    """
+    connection = _connect(url)
+    try:
+        channel = connection.channel()
+        _check_stream(channel, stream)
+        channel.confirm_delivery()
+        count = 0
+        exchange = stream_exchange(stream)
+        for body in messages:
+            channel.basic_publish(exchange, "", body,
+                                  output_properties(stream, SOURCE, None))
+            count += 1
+        return count
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def consume(url: str, stream: str, on_message: Callable[[bytes, pika.BasicProperties], None],
+            count: int | None = None, timeout: float | None = None) -> int:
+    """Follow ``stream`` through an exclusive queue until ``count`` messages or ``timeout``
+    seconds without one; return how many arrived.
+
+    Raises:
+        StreamError: the broker is away or the stream does not exist.
+    """
+    connection = _connect(url)
+    received = 0
+    try:
+        channel = connection.channel()
+        _check_stream(channel, stream)
+        queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        channel.queue_bind(queue, stream_exchange(stream), "#")
+        channel.basic_qos(prefetch_count=100)
+        for method, properties, body in channel.consume(queue, inactivity_timeout=timeout):
+            if method is None:
+                break
+            on_message(body, properties)
+            channel.basic_ack(method.delivery_tag)
+            received += 1
+            if count is not None and received >= count:
+                break
+        return received
+    finally:
+        if connection.is_open:
+            connection.close()
