@@ -1,94 +1,97 @@
-"""The embedded-default demo: two operations chained on the local RabbitMQ.
+"""The embedded default, end to end: `streamboss up`, then the seed's quickstart.
 
-    demo-in --[waffle: python filter, service mode]--> demo-mid
-            --[upper: tr a-z A-Z, per-message mode]--> demo-out
-
-Publishes a few lines to demo-in, prints what arrives on demo-out with its
-lineage headers, then stops both agents with SIGTERM (they drain and exit 0).
+Starts the manager with the local dispatcher, then runs the seed's steps
+through the `tools/` shims: create a stream, register `tr [a-z] [A-Z]`,
+create an operation, consume its output, publish. Prints what the consumer
+receives and stops everything. `--stay` keeps the manager running afterwards.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
-import uuid
+from pathlib import Path
 
-import pika
+import httpx
 
-from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL, redact
-from streamboss.agent.headers import output_properties
-from streamboss.agent.naming import operation_queue, stream_exchange
-
-STREAMS = ("demo-in", "demo-mid", "demo-out")
-WAFFLE = ("python3 -c 'import sys\n"
-          "for line in sys.stdin: sys.stdout.write(line.replace(\"pancake\", \"waffle\"))'")
-LINES = [
-    "i like pancake for breakfast",
-    "pancake pancake pancake",
-    "no breakfast today",
-    "stream transforms are unix pipes on a broker",
-]
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+URL = os.environ.get("STREAMBOSS_URL", "http://127.0.0.1:8181")
+LINES = ["hello world", "i like pancakes", "streams are unix pipes on a broker"]
 
 
-def start_agent(operation: str, source: str, sink: str, *options: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "streamboss.agent", "--operation", operation,
-            "--input", source, "--output", sink, "--log-level", "warning", *options]
-    return subprocess.Popen(argv)
+def shim(name: str, *args: str, check: bool = True) -> str:
+    """Run one of the seed's scripts and return what it printed."""
+    argv = [sys.executable, str(TOOLS / name), *args]
+    print("$ " + shlex.join([f"./{name}", *args]), flush=True)
+    result = subprocess.run(argv, capture_output=True, text=True)
+    output = (result.stdout + result.stderr).strip()
+    if output:
+        print("  " + output.replace("\n", "\n  "), flush=True)
+    if check and result.returncode != 0:
+        raise SystemExit(f"demo: {name} failed")
+    return result.stdout
+
+
+def wait_for_manager(manager: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if manager.poll() is not None:
+            raise SystemExit("demo: `streamboss up` exited; see its message above")
+        try:
+            if httpx.get(f"{URL}/v1/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit(f"demo: the manager did not answer at {URL}")
 
 
 def main() -> int:
-    url = os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stay", action="store_true", help="keep the manager running")
+    args = parser.parse_args()
+    port = URL.rsplit(":", 1)[-1].strip("/")
+    manager = subprocess.Popen([sys.executable, "-m", "streamboss.manager", "up",
+                                "--port", port], cwd=ROOT)
     try:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-    except pika.exceptions.AMQPConnectionError:
-        print(f"demo: cannot reach RabbitMQ at {redact(url)}: start it with "
-              "`rabbitmq-server -detached` or set STREAMBOSS_BROKER_URL", file=sys.stderr)
-        return 1
-    channel = connection.channel()
-    for stream in STREAMS:
-        channel.exchange_declare(stream_exchange(stream), "topic", durable=True)
-    # The manager will own this: an operation's queue exists before its agents do,
-    # so nothing published meanwhile is lost.
-    for operation, source in (("demo-waffle", "demo-in"), ("demo-upper", "demo-mid")):
-        channel.queue_declare(operation_queue(operation), durable=True)
-        channel.queue_bind(operation_queue(operation), stream_exchange(source), "#")
-    watch = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-    channel.queue_bind(watch, stream_exchange("demo-out"), "#")
-
-    agents = [
-        start_agent("demo-waffle", "demo-in", "demo-mid", "--mode", "service", "--exec", WAFFLE),
-        start_agent("demo-upper", "demo-mid", "demo-out", "--exec", "tr a-z A-Z"),
-    ]
-    try:
-        channel.confirm_delivery()
-        run = uuid.uuid4().hex[:6]
-        for number, line in enumerate(LINES):
-            props = output_properties("demo-in", "/streamboss/demo", None)
-            props.headers["sb-id"] = props.message_id = f"demo-{run}-{number}"
-            channel.basic_publish(stream_exchange("demo-in"), "", line.encode(), props)
-            print(f"published  {line!r}")
-        received = 0
-        deadline = time.monotonic() + 30
-        for method, props, body in channel.consume(watch, inactivity_timeout=1):
-            if method is not None:
-                channel.basic_ack(method.delivery_tag)
-                received += 1
-                print(f"demo-out   {body.decode()!r}  (sb-parent {props.headers['sb-parent']})")
-            if received == len(LINES) or time.monotonic() > deadline:
-                break
-        channel.cancel()
+        wait_for_manager(manager)
+        shim("create_stream.py", "mystream")
+        # The seed registered its definition with a plain HTTP call; that still works.
+        seed = {"definition": {"exec": "tr [a-z] [A-Z]", "application": "demo",
+                               "name": "upper"}}
+        registered = httpx.post(f"{URL}/api/process_definition/", json=seed, timeout=10).json()
+        print(f"$ curl -X POST {URL}/api/process_definition/ -d '{json.dumps(seed)}'\n"
+              f"  {json.dumps(registered)}")
+        shim("remove_operation.py", "my-operation", check=False)
+        shim("create_operation.py", "my-operation", str(registered["id"]), "mystream",
+             "outputstream")
+        print("$ ./consume.py outputstream &", flush=True)
+        consumer = subprocess.Popen(
+            [sys.executable, str(TOOLS / "consume.py"), "outputstream",
+             "--count", str(len(LINES)), "--timeout", "30"], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        shim("publish.py", "mystream", *LINES)
+        out, _ = consumer.communicate(timeout=60)
+        print("  " + out.strip().replace("\n", "\n  "))
+        received = out.strip().splitlines()
+        ok = received == [line.upper() for line in LINES]
+        print("demo: the transformed text arrived" if ok else "demo: output did not match")
+        if args.stay:
+            print(f"The manager stays up at {URL}; Ctrl-C stops it.", flush=True)
+            manager.wait()
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        return 130
     finally:
-        for agent in agents:
-            agent.send_signal(signal.SIGTERM)
-        codes = [agent.wait(timeout=60) for agent in agents]
-    print(f"agents drained and exited with {codes}")
-    for operation in ("demo-waffle", "demo-upper"):
-        channel.queue_delete(operation_queue(operation))
-    connection.close()
-    return 0 if received == len(LINES) and codes == [0, 0] else 1
+        if manager.poll() is None:
+            manager.send_signal(signal.SIGINT)
+            manager.wait(timeout=60)
 
 
 if __name__ == "__main__":
