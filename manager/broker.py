@@ -178,6 +178,21 @@ class Broker:
             found[queue] = Subscriber(queue, state.consumers, state.locked)
         return list(found.values())
 
+    def queue_rates(self, queue: str) -> tuple[float, float] | None:
+        """Messages/s into and acked out of ``queue`` (management statistics, a few
+        seconds behind), or None when the management API cannot say."""
+        path = f"/api/queues/{quote(self.vhost, safe='')}/{quote(queue, safe='')}"
+        try:
+            response = self._http.get(path, params={"columns": "message_stats"})
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        stats = response.json().get("message_stats") or {}
+        rate_in = (stats.get("publish_details") or {}).get("rate", 0.0)
+        rate_out = (stats.get("ack_details") or {}).get("rate", 0.0)
+        return float(rate_in), float(rate_out)
+
     def management_available(self) -> bool:
         try:
             return self._http.get("/api/overview").status_code == 200

@@ -255,9 +255,13 @@ def status(fmt: str) -> None:
     if not result.get("demand_observed"):
         click.echo("demand: management API unavailable; every operation counts as wanted",
                    err=True)
-    rows = [{**r, "agents": f"{r['running']}/{r['desired']}"} for r in result["operations"]]
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}/s"
+
+    rows = [{**r, "agents": f"{r['running']}/{r['desired']}", "in": rate(r["rate_in"]),
+             "out": rate(r["rate_out"])} for r in result["operations"]]
     _table(rows, ["name", "input", "output", "wanted", "agents", "draining", "backlog",
-                  "dead_lettered"])
+                  "in", "out", "dead_lettered"])
 
 
 @cli.command()

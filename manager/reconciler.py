@@ -50,6 +50,8 @@ class OperationStatus:
     restarts: int
     backlog: int
     dead_lettered: int
+    rate_in: float | None
+    rate_out: float | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,10 +167,13 @@ class Reconciler:
                 self.dispatcher.scale(op, definition, count)
                 dead = self.broker.queue_state(dead_queue(op.name))
                 agents = self.dispatcher.status(op.name)
+                rates = (self.broker.queue_rates(operation_queue(op.name))
+                         if self.management else None)
                 status[op.name] = OperationStatus(
                     op.name, op.input, op.output, op.name in wanted, count,
                     agents["running"], agents["draining"], agents["restarts"], backlog,
-                    dead.messages if dead else 0)
+                    dead.messages if dead else 0,
+                    rates[0] if rates else None, rates[1] if rates else None)
             names = {op.name for op in operations}
             for gone in set(self.states) - names:
                 del self.states[gone]
