@@ -272,6 +272,14 @@ class BrokerSession:
             assert self.channel is not None
             self.channel.basic_cancel(self.consumer_tag,
                                       callback=lambda _frame: self._on_cancelled())
+            # pika rejects (requeues) deliveries that cross our Basic.Cancel on the
+            # wire; AMQP lets a consumer keep them until Basic.CancelOk, and a
+            # draining agent should: it handles them like any other, so scale-in
+            # requeues nothing. pika has no public switch; without this attribute
+            # the late deliveries are merely requeued, which loses nothing.
+            cancelled = getattr(self.channel, "_cancelled", None)
+            if isinstance(cancelled, set):
+                cancelled.discard(self.consumer_tag)
         else:
             self._on_cancelled()
 

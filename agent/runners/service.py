@@ -159,13 +159,25 @@ class ServiceRunner:
         """stdout reached EOF: collect the exit status, charge the head record, restart."""
         child = self._child
         assert child is not None
-        self._close_fds()
+        # EOF on stdin lets a child that only closed stdout finish exiting.
+        assert child.stdin is not None
+        stdin_fd = child.stdin.fileno()
+        if stdin_fd in self._open_fds:
+            self.ioloop.remove_handler(stdin_fd)
+            self._open_fds.discard(stdin_fd)
+        with contextlib.suppress(OSError):
+            child.stdin.close()
         deadline = time.monotonic() + EXIT_GRACE
         while child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         if child.poll() is None:
             kill_group(child)
             child.wait()
+        # Its last words (often a traceback) may still sit unread in the stderr
+        # pipe when stdout's EOF is handled first; keep them for the log and the
+        # dead letter before the pipe is closed.
+        self._drain_stderr(child)
+        self._close_fds()
         self._child = None
         self._stderr.flush()
         if self._stopped:
@@ -183,6 +195,21 @@ class ServiceRunner:
                 self._inflight.popleft()
                 self.outcomes.dead_letter(head, reason, code, self._stderr.text())
         self._schedule_restart()
+
+    def _drain_stderr(self, child: subprocess.Popen[bytes]) -> None:
+        """Feed whatever is readable on ``child``'s stderr now, without blocking."""
+        stream = child.stderr
+        if stream is None or stream.closed or stream.fileno() not in self._open_fds:
+            return
+        fd = stream.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, READ_SIZE)
+            except OSError:  # BlockingIOError: nothing more for now
+                return
+            if not chunk:
+                return
+            self._stderr.feed(chunk)
 
     def _check_timeout(self) -> None:
         self._watchdog = self.ioloop.call_later(self._watch_interval(), self._check_timeout)

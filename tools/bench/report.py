@@ -1,0 +1,168 @@
+"""Ratios, targets and the printed table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# (name, numerator, denominator, what, comparison, threshold)
+RATIOS = [
+    ("service_vs_plain", "svc-cat", "plain", "rate"),
+    ("service_vs_naive", "svc-cat", "naive", "rate"),
+    ("service_tr_vs_plain", "svc-tr", "plain", "rate"),
+    ("service_tr_vs_naive", "svc-tr", "naive", "rate"),
+    ("per_message_vs_spawn", "pm", "spawn", "rate"),
+    ("service_vs_plain_with_headers", "svc-cat", "plain-hdr", "rate"),
+    ("plain_with_headers_vs_plain", "plain-hdr", "plain", "rate"),
+    ("per_message_c2_vs_spawn", "pm-c2", "spawn", "rate"),
+    ("per_message_c4_vs_spawn", "pm-c4", "spawn", "rate"),
+]
+
+# (ratio name, description, ">=" or "<=", threshold)
+TARGETS = [
+    ("service_vs_plain", "service mode (cat filter) >= 0.8 x plain async-confirm relay",
+     ">=", 0.8),
+    ("service_vs_naive", "service mode (cat filter) >= 6 x naive confirm-each relay", ">=", 6.0),
+    ("per_message_vs_spawn", "per-message mode (tr, default concurrency) >= 1.8 x spawn loop",
+     ">=", 1.8),
+    ("service_p99_vs_plain", "service-mode p99 latency at 500/s <= 2 x plain relay's", "<=", 2.0),
+]
+
+
+def _rate(figures: dict[str, Any], key: str) -> float:
+    row = figures["rows"].get(key)
+    if not row:
+        return math.nan
+    return float(row["summary"].get("rate", math.nan))
+
+
+def _latency(figures: dict[str, Any], key: str, rate: float) -> dict[str, Any] | None:
+    for entry in figures["latency"]:
+        if entry["row"] == key and entry["rate"] == rate and "p99_ms" in entry:
+            return entry
+    return None
+
+
+def _per_round(figures: dict[str, Any], top: str, bottom: str) -> list[float]:
+    """The ratio within each round (the two rows ran minutes apart at most)."""
+    def rates(key: str) -> dict[int, float]:
+        return {run["round"]: run["rate"] for run in figures["rows"][key]["runs"]
+                if "rate" in run}
+    upper, lower = rates(top), rates(bottom)
+    return [upper[r] / lower[r] for r in sorted(upper) if r in lower]
+
+
+def evaluate(figures: dict[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Ratios of median rates (and of p99 latencies) and the targets' verdicts."""
+    ratios: dict[str, float] = {}
+    by_round: dict[str, list[float]] = {}
+    for name, top, bottom, _what in RATIOS:
+        if top in figures["rows"] and bottom in figures["rows"]:
+            ratios[name] = _rate(figures, top) / _rate(figures, bottom)
+            by_round[name] = _per_round(figures, top, bottom)
+    plain = _latency(figures, "plain", 500.0)
+    service = _latency(figures, "svc-cat", 500.0)
+    if plain and service:
+        ratios["service_p99_vs_plain"] = service["p99_ms"] / plain["p99_ms"]
+        if "p99_ms_all" in plain and "p99_ms_all" in service:
+            by_round["service_p99_vs_plain"] = [
+                s / p for s, p in zip(service["p99_ms_all"], plain["p99_ms_all"], strict=False)]
+        ratios["service_p50_vs_plain"] = service["p50_ms"] / plain["p50_ms"]
+    targets = []
+    for name, text, op, threshold in TARGETS:
+        value = ratios.get(name, math.nan)
+        if math.isnan(value):
+            verdict = "N/A"
+        elif (value >= threshold) if op == ">=" else (value <= threshold):
+            verdict = "PASS"
+        else:
+            verdict = "MISS"
+        targets.append({"target": text, "ratio": value, "op": op, "threshold": threshold,
+                        "verdict": verdict, "by_round": by_round.get(name, [])})
+    return ratios, targets
+
+
+# Cores used by other work during a window above which a figure is flagged as noisy.
+NOISY_OTHER_CORES = 0.25
+
+
+def _other(value: Any) -> str:
+    text = _fmt(value, ".2f")
+    return text + "*" if isinstance(value, float) and value > NOISY_OTHER_CORES else text + " "
+
+
+def _fmt(value: Any, spec: str, missing: str = "-") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, spec)
+
+
+def render(figures: dict[str, Any]) -> str:
+    machine = figures["machine"]
+    run = figures["run"]
+    lines = [
+        "",
+        f"streamboss bench {run['id']} ({'quick' if run['quick'] else 'full'}): "
+        f"{machine['nproc']} CPUs ({machine['cpu']}), RabbitMQ {machine['rabbitmq']}, "
+        f"Python {machine['python']}, pika {machine['pika']}, load {machine['load_1min_at_start']}"
+        f" at start, {machine['wall_s']} s",
+        "",
+        f"Throughput: N persistent 100-byte messages prefilled (untimed); window = first to "
+        f"N-th output in the capture queue; median of {run['rounds']} round(s) [min-max]. "
+        "CPU in cores over the window; 'other' = everything but relay, broker and harness.",
+    ]
+    header = (f"{'row':47} {'N':>7} {'msg/s':>7} {'[min-max]':>15} {'x plain':>7} "
+              f"{'x naive':>7} {'x spawn':>7} {'relay':>6} {'us/msg':>6} {'broker':>6} "
+              f"{'us/msg':>6} {'other':>6}")
+    lines += [header, "-" * len(header)]
+    plain, naive, spawn = (_rate(figures, k) for k in ("plain", "naive", "spawn"))
+    for key, row in figures["rows"].items():
+        s = row["summary"]
+        rate = s.get("rate", math.nan)
+        spread = (f"[{s['rate_min']:,.0f}-{s['rate_max']:,.0f}]"
+                  if "rate_min" in s and s["succeeded"] > 1 else "")
+        x_spawn = rate / spawn if key in ("spawn", "pm") or key.startswith("pm-") else math.nan
+        failed = s["rounds"] - s["succeeded"]
+        lines.append(
+            f"{row['label'][:47]:47} {row['n']:>7,} {_fmt(rate, ',.0f', 'FAILED'):>7} "
+            f"{spread:>15} {_fmt(rate / plain, '.2f'):>7} {_fmt(rate / naive, '.2f'):>7} "
+            f"{_fmt(x_spawn, '.2f'):>7} {_fmt(s.get('relay_cores'), '.2f'):>6} "
+            f"{_fmt(s.get('relay_us_per_msg'), '.0f'):>6} {_fmt(s.get('broker_cores'), '.2f'):>6} "
+            f"{_fmt(s.get('broker_us_per_msg'), '.0f'):>6} {_other(s.get('other_cores')):>6}"
+            + (f"  ({failed} round(s) failed)" if failed else ""))
+    if figures["latency"]:
+        lines += [
+            "",
+            "Latency: publisher process at a fixed rate -> relay -> harness consumer; warm-up "
+            f"dropped; ms; median of {run['latency_rounds']} round(s). CPU at that rate.",
+        ]
+        header = (f"{'row':47} {'rate/s':>7} {'msgs':>6} {'p50':>6} {'p99':>6} {'p99.9':>6} "
+                  f"{'max':>6} {'lost':>5} {'relay us/msg':>12} {'other':>6}")
+        lines += [header, "-" * len(header)]
+        for entry in figures["latency"]:
+            label = figures["rows"][entry["row"]]["label"]
+            if "p99_ms" not in entry:
+                lines.append(f"{label[:47]:47} {entry['rate']:>7.0f}  FAILED: {entry.get('error')}")
+                continue
+            lines.append(
+                f"{label[:47]:47} {entry['rate']:>7.0f} {entry['n']:>6} "
+                f"{_fmt(entry['p50_ms'], '.2f'):>6} {_fmt(entry['p99_ms'], '.2f'):>6} "
+                f"{_fmt(entry['p999_ms'], '.2f'):>6} {_fmt(entry['max_ms'], '.1f'):>6} "
+                f"{entry['lost']:>5} {_fmt(entry.get('relay_us_per_msg'), '.0f'):>12} "
+                f"{_other(entry.get('other_cores')):>6}")
+    lines += ["", f"* other work used more than {NOISY_OTHER_CORES} cores during that window "
+              "(median); the 2 cores are shared, so treat that figure with care."]
+    lines += ["", "Targets (benchmark targets, not test assertions):"]
+    for target in figures["targets"]:
+        rounds = target["by_round"]
+        spread = (f"  [rounds {min(rounds):.2f}-{max(rounds):.2f}]" if len(rounds) > 1 else "")
+        lines.append(f"  {target['verdict']:4}  {target['target']:66} "
+                     f"{_fmt(target['ratio'], '.2f', 'n/a'):>6}{spread}")
+    extra = figures["ratios"]
+    others = [f"{name} {value:.2f}" for name, value in extra.items()
+              if name not in {t[0] for t in TARGETS} and not math.isnan(value)]
+    if others:
+        lines.append("  other ratios: " + ", ".join(others))
+    if figures["failures"]:
+        lines += ["", "Problems:"] + [f"  {note}" for note in figures["failures"]]
+    return "\n".join(lines)
