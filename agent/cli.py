@@ -56,8 +56,8 @@ consuming, finishes the in-flight messages and exits 0.
 @click.option("--concurrency", type=click.IntRange(min=1),
               help="Per-message children at once.  [default: CPU count, at least 2]")
 @click.option("--prefetch", type=click.IntRange(min=0),
-              help="Unacked messages in flight.  [default: 200 service, 2 x concurrency "
-              "per-message]")
+              help="Unacked messages in flight.  [default: 200 service; per-message "
+              "4 x concurrency, at least 16]")
 @click.option("--drain-timeout", type=click.FloatRange(min=0),
               help=f"Seconds SIGTERM waits for in-flight messages.  [default: "
               f"{DEFAULT_DRAIN_TIMEOUT:g}]")

@@ -30,6 +30,9 @@ DEFAULT_TIMEOUT = 60.0
 # 200 records in flight keep a pipelined service child and the broker busy
 # (BASELINES.md: the safe relay gains little beyond this on 2 cores).
 DEFAULT_SERVICE_PREFETCH = 200
+# Each ack waits for the output's confirm (a disk sync on the broker); a
+# window of a few messages per child keeps the children busy meanwhile.
+PER_MESSAGE_MIN_PREFETCH = 16
 # Finishing the in-flight window on SIGTERM should take seconds; past this the
 # rest is handed back to the broker.
 DEFAULT_DRAIN_TIMEOUT = 30.0
@@ -179,7 +182,7 @@ class AgentConfig:
             return self.prefetch
         if self.definition.mode == "service":
             return DEFAULT_SERVICE_PREFETCH
-        return 2 * self.concurrency
+        return max(PER_MESSAGE_MIN_PREFETCH, 4 * self.concurrency)
 
 
 def read_file(path: Path) -> dict[str, Any]:

@@ -219,8 +219,7 @@ class Agent:
         else:
             # The broker could not take the output; let the input be tried again.
             log.warning("%s: broker refused an output message; requeueing its input", self.label)
-            self.session.nack(delivery.tag, requeue=True)
-            self.acker.rejected(delivery.tag)
+            self.requeue(delivery)
 
     # -- runner outcomes (Outcomes protocol) ----------------------------------
 
@@ -233,6 +232,12 @@ class Agent:
         props = hdr.output_properties(self.config.output, self.source, delivery.parent)
         seq = self.session.publish(self.output_exchange, body, props)
         self._confirms.append((seq, delivery))
+
+    def requeue(self, delivery: Delivery) -> None:
+        if delivery.epoch != self.epoch or not self.session.is_open:
+            return
+        self.session.nack(delivery.tag, requeue=True)
+        self.acker.rejected(delivery.tag)
 
     def dead_letter(self, delivery: Delivery, reason: str, exit_code: int | None,
                     stderr: str) -> None:

@@ -195,7 +195,8 @@ def test_default_window_service_and_per_message() -> None:
     assert build({"exec": "cat", "mode": "service"}).window == DEFAULT_SERVICE_PREFETCH
     per_message = build({"exec": "cat", "concurrency": 3})
     assert per_message.concurrency == 3
-    assert per_message.window == 6
+    assert per_message.window == 16  # at least 16: acks wait for confirms
+    assert build({"exec": "cat", "concurrency": 8}).window == 32
     assert build({"exec": "cat"}, prefetch=11).window == 11
 
 

@@ -21,6 +21,9 @@ class Outcomes(Protocol):
                     stderr: str) -> None:
         """Give up on ``delivery`` after its attempts; ``delivery.attempts`` says how many."""
 
+    def requeue(self, delivery: Delivery) -> None:
+        """Hand ``delivery`` back to the broker untouched (the agent, not the message, failed)."""
+
 
 class Runner(Protocol):
     def start(self) -> None:

@@ -7,9 +7,11 @@ pipes; results return to the loop thread through ``add_callback_threadsafe``.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -33,8 +35,53 @@ class Result:
     timed_out: bool
 
 
+class Watchdog:
+    """Kills children that overrun their deadline, from one thread for all of them.
+
+    ``Popen.communicate(timeout=...)`` would do this per child, but it waits for
+    the exit by polling with sleeps, which costs about a millisecond per message;
+    a blocking ``communicate()`` plus this thread does not.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._deadlines: list[tuple[float, int, subprocess.Popen[bytes]]] = []
+        self._expired: set[int] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, child: subprocess.Popen[bytes], timeout: float) -> None:
+        with self._lock:
+            heapq.heappush(self._deadlines, (time.monotonic() + timeout, child.pid, child))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+
+    def done(self, child: subprocess.Popen[bytes]) -> bool:
+        """Stop watching ``child``; return whether it was killed for overrunning."""
+        with self._lock:
+            self._deadlines = [d for d in self._deadlines if d[2] is not child]
+            heapq.heapify(self._deadlines)
+            if child.pid in self._expired:
+                self._expired.discard(child.pid)
+                return True
+            return False
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    _, pid, child = heapq.heappop(self._deadlines)
+                    self._expired.add(pid)
+                    kill_group(child)
+                wait = self._deadlines[0][0] - now if self._deadlines else None
+                self._lock.wait(wait)
+
+
 def run_once(argv: list[str], env: dict[str, str], body: bytes, timeout: float | None,
-             stderr: StderrTail, live: set[subprocess.Popen[bytes]]) -> Result:
+             stderr: StderrTail, live: set[subprocess.Popen[bytes]],
+             watchdog: Watchdog) -> Result:
     """Run the program once on ``body``; kill its process group if it overruns ``timeout``.
 
     The child sits in ``live`` while it runs, so that a hard stop can kill it.
@@ -45,15 +92,13 @@ def run_once(argv: list[str], env: dict[str, str], body: bytes, timeout: float |
         stderr.feed(f"cannot start {argv[0]}: {exc.strerror}\n".encode())
         return Result(127, b"", False)
     live.add(child)
-    timed_out = False
+    if timeout is not None:
+        watchdog.watch(child, timeout)
     try:
-        out, err = child.communicate(body, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        kill_group(child)
-        out, err = child.communicate()
+        out, err = child.communicate(body)
     finally:
         live.discard(child)
+        timed_out = timeout is not None and watchdog.done(child)
     stderr.feed(err)
     stderr.flush()
     return Result(child.returncode, out, timed_out)
@@ -72,13 +117,22 @@ class PerMessageRunner:
         self._pool = ThreadPoolExecutor(max_workers=concurrency,
                                         thread_name_prefix=f"{label}-child")
         self._live: set[subprocess.Popen[bytes]] = set()
+        self._watchdog = Watchdog()
         self._stopped = threading.Event()
 
     def start(self) -> None:
         pass
 
     def submit(self, delivery: Delivery) -> None:
-        self._pool.submit(self._work, delivery)
+        self._pool.submit(self._guarded, delivery)
+
+    def _guarded(self, delivery: Delivery) -> None:
+        try:
+            self._work(delivery)
+        except Exception:
+            # Our fault, not the message's: hand it back rather than hold it forever.
+            log.exception("%s: agent error while running a message; requeueing it", self.label)
+            self._report(self.outcomes.requeue, delivery)
 
     def stop(self) -> None:
         # Called once nothing is in flight, or on a hard exit: anything still
@@ -94,7 +148,7 @@ class PerMessageRunner:
         while True:
             stderr = StderrTail(self.label)
             result = run_once(self._argv, self._env, delivery.body, definition.timeout, stderr,
-                              self._live)
+                              self._live, self._watchdog)
             delivery.attempts += 1
             if result.returncode == 0 and not result.timed_out:
                 self._report(self.outcomes.emit, delivery, result.stdout)

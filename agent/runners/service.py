@@ -59,6 +59,7 @@ class ServiceRunner:
         self._killed_for_timeout = False
         self._open_fds: set[int] = set()
         self._want_write = False
+        self._write_scheduled = False
         self._watchdog: object | None = None
 
     # -- public -------------------------------------------------------------
@@ -79,7 +80,11 @@ class ServiceRunner:
         self._inflight.append(delivery)
         if self._child is not None:
             self._pending_write += frame
-            self._write()
+            if not self._write_scheduled:
+                # Deliveries come in bursts from one socket read: one write per loop
+                # turn carries the whole burst to the child.
+                self._write_scheduled = True
+                self.ioloop.call_later(0, self._scheduled_write)
 
     def stop(self) -> None:
         self._stopped = True
@@ -251,6 +256,10 @@ class ServiceRunner:
             # Only a full pipe needs the loop's help; most writes go through at once.
             self._want_write = want_write
             self.ioloop.update_handler(fd, self.ioloop.WRITE if want_write else 0)
+
+    def _scheduled_write(self) -> None:
+        self._write_scheduled = False
+        self._write()
 
     def _on_stdin(self, _fd: int, _events: int) -> None:
         self._write()
