@@ -54,7 +54,7 @@ consuming, finishes the in-flight messages and exits 0.
 @click.option("--max-attempts", type=click.IntRange(min=1),
               help="Attempts before a message goes to the dead-letter stream.  [default: 3]")
 @click.option("--concurrency", type=click.IntRange(min=1),
-              help="Per-message children at once.  [default: CPU count, at least 2]")
+              help="Per-message children at once.  [default: 2 x CPU count]")
 @click.option("--prefetch", type=click.IntRange(min=0),
               help="Unacked messages in flight.  [default: 200 service; per-message "
               "4 x concurrency, at least 16]")

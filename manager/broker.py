@@ -9,6 +9,7 @@ statistics lag by seconds).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
@@ -83,8 +84,13 @@ class Broker:
 
     def close(self) -> None:
         self._http.close()
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop the AMQP connection; the next call opens a fresh one."""
         if self._connection is not None and self._connection.is_open:
-            self._connection.close()
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                self._connection.close()
         self._connection = self._channel = None
 
     def channel(self) -> BlockingChannel:
@@ -183,12 +189,13 @@ class Broker:
         seconds behind), or None when the management API cannot say."""
         path = f"/api/queues/{quote(self.vhost, safe='')}/{quote(queue, safe='')}"
         try:
-            response = self._http.get(path, params={"columns": "message_stats"})
+            response = self._http.get(path)
         except httpx.HTTPError:
             return None
         if response.status_code != 200:
             return None
-        stats = response.json().get("message_stats") or {}
+        body = response.json()
+        stats = (body.get("message_stats") if isinstance(body, dict) else None) or {}
         rate_in = (stats.get("publish_details") or {}).get("rate", 0.0)
         rate_out = (stats.get("ack_details") or {}).get("rate", 0.0)
         return float(rate_in), float(rate_out)

@@ -139,7 +139,7 @@ class Reconciler:
                 log.exception("reconciler pass failed")
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._topology_at = float("-inf")
-                self.broker.close()
+                self.broker.reset()
             self._wake.wait(self.interval)
             self._wake.clear()
 
