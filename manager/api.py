@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
+import pika.exceptions
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
@@ -51,7 +52,18 @@ class Manager:
     def on_broker(self, action: Callable[[Broker], None]) -> None:
         """Run ``action`` on the broker, one caller at a time (pika is not thread-safe)."""
         with self.broker_lock:
-            action(self.broker)
+            for attempt in (1, 2):
+                try:
+                    action(self.broker)
+                    return
+                except pika.exceptions.AMQPError as exc:
+                    # A connection the broker dropped since the last call: retry on a
+                    # fresh one once before telling the caller.
+                    self.broker.reset()
+                    if attempt == 2:
+                        raise BrokerUnavailable(
+                            f"broker error ({exc.__class__.__name__}): is RabbitMQ "
+                            "running? try again") from None
 
     def changed(self) -> None:
         if self.reconciler is not None:
@@ -105,8 +117,9 @@ def create_app(manager: Manager) -> FastAPI:
 
     @app.delete("/v1/streams/{name}", dependencies=v1)
     def delete_stream(name: str, force: bool = False) -> dict[str, Any]:
-        removed = manager.store.delete_stream(name, force=force)
-        manager.on_broker(lambda b: b.delete_stream(name))
+        removed = manager.store.delete_stream(
+            name, force=force, before_commit=lambda: manager.on_broker(
+                lambda b: b.delete_stream(name)))
         manager.changed()
         return {"deleted": name, "operations_deleted": removed}
 

@@ -153,8 +153,12 @@ class Store:
         rows = self._db.execute("SELECT * FROM streams ORDER BY name").fetchall()
         return [Stream(r["name"], r["created_at"]) for r in rows]
 
-    def delete_stream(self, name: str, force: bool = False) -> list[str]:
+    def delete_stream(self, name: str, force: bool = False,
+                      before_commit: Callable[[], None] | None = None) -> list[str]:
         """Delete a stream; with ``force`` also the operations that use it.
+
+        ``before_commit`` runs inside the transaction once the deletion is allowed;
+        if it raises, nothing is deleted.
 
         Returns:
             the names of the operations deleted with it.
@@ -173,6 +177,8 @@ class Store:
                     "first or pass --force to delete them with it", 409)
             db.execute("DELETE FROM operations WHERE input = ? OR output = ?", (name, name))
             db.execute("DELETE FROM streams WHERE name = ?", (name,))
+            if before_commit is not None:
+                before_commit()
         return users
 
     # -- process definitions --------------------------------------------------
