@@ -134,8 +134,19 @@ class Broker:
         channel.queue_declare(queue, durable=True)
         channel.queue_bind(queue, stream_exchange(dead_stream(operation)), "#")
 
-    def delete_operation(self, name: str) -> None:
-        self.channel().queue_delete(operation_queue(name))
+    def delete_operation(self, name: str, dead_queue: str) -> None:
+        """Remove the operation's queue, and its dead-letter queue and stream when empty."""
+        channel = self.channel()
+        channel.queue_delete(operation_queue(name))
+        try:
+            channel.queue_delete(dead_queue, if_empty=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            # 406: dead letters are waiting; someone should read them before they go.
+            self._channel = None
+            if exc.reply_code != 406:
+                raise
+            return
+        channel.exchange_delete(stream_exchange(dead_stream(name)))
 
     # -- observation -----------------------------------------------------------
 

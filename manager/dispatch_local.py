@@ -178,6 +178,8 @@ class LocalDispatcher:
 
     def forget(self, operation: str) -> None:
         """The operation was deleted: drain and stop its agents."""
+        # Running agents read it at start-up; nothing needs it any more.
+        (self.dir / f"{operation}.definition.json").unlink(missing_ok=True)
         pool = self.pools.get(operation)
         if pool is None:
             return

@@ -67,27 +67,26 @@ def wanted_operations(operations: list[Operation],
     """Operations whose output has a subscriber: a consumer, a named durable
     subscription, or a wanted downstream operation (so chains wake backwards)."""
     by_name = {op.name: op for op in operations}
-    memo: dict[str, bool] = {}
 
-    def wanted(name: str, seen: frozenset[str]) -> bool:
-        if name in memo:
-            return memo[name]
-        if name in seen:
+    def demand(sub: Subscriber) -> bool:
+        # Another operation's queue is demand only while that operation is wanted.
+        if sub.operation is not None and sub.operation in by_name:
             return False
-        result = False
-        for sub in subscribers.get(by_name[name].output, []):
-            downstream = sub.operation
-            if downstream is not None and downstream in by_name:
-                if wanted(downstream, seen | {name}):
-                    result = True
-            elif sub.consumers > 0 or sub.queue.startswith(SUBSCRIPTION_PREFIX):
-                result = True
-            if result:
-                break
-        memo[name] = result
-        return result
+        return sub.consumers > 0 or sub.queue.startswith(SUBSCRIPTION_PREFIX)
 
-    return {name for name in by_name if wanted(name, frozenset())}
+    wanted = {op.name for op in operations
+              if any(demand(sub) for sub in subscribers.get(op.output, []))}
+    # Spread upstream until nothing changes: terminates on any graph, cycles included,
+    # and the answer does not depend on the order the bindings are listed in.
+    changed = True
+    while changed:
+        changed = False
+        for op in operations:
+            if op.name not in wanted and any(
+                    sub.operation in wanted for sub in subscribers.get(op.output, [])):
+                wanted.add(op.name)
+                changed = True
+    return wanted
 
 
 class Reconciler:
@@ -191,7 +190,7 @@ class Reconciler:
                 continue
             agents = self.dispatcher.status(name)
             if agents["running"] == 0 and agents["draining"] == 0:
-                self.broker.delete_operation(name)
+                self.broker.delete_operation(name, dead_queue(name))
                 self._retiring.discard(name)
 
     def _apply_topology(self, operations: list[Operation]) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,10 @@ def check_port_free(host: str, port: int) -> None:
                               "manager running? pick another --port") from None
 
 
+def _stop_on_sigterm(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(config: ServerConfig, banner: bool = False) -> None:
     """Run the manager in the foreground until SIGINT/SIGTERM; stop every agent it started.
 
@@ -102,8 +108,13 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
               f"  agent logs    {config.state_dir / 'logs'}\n"
               f"In another shell: export STREAMBOSS_URL={url}; streamboss --help\n"
               f"Ctrl-C stops the manager and every agent it started.", flush=True)
-    reconciler.start()
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn handles SIGTERM itself, then re-raises it once the server has shut down.
+        # With the default disposition that kills the process before the `finally` below
+        # runs, orphaning every agent: turn it into an exit that drains them first.
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        reconciler.start()
         uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
                     access_log=False)
     finally:

@@ -40,6 +40,12 @@ its live descendants (the service child) and its reaped children (per-message
 ``tr``); the broker's ``beam.smp``; the harness (and latency publisher); and
 "other", the rest of the machine's busy time. The machine is shared, so a window
 in which other work used more than a quarter of a core is flagged.
+
+With a manager (``managed.py``): ``demand`` and ``demand-chain`` time how long a
+new consumer on an idle operation's (or a 3-operation chain's) output waits for
+its first output; ``scale`` and ``scale-wait`` time how fast a manager scales out
+on a prefilled backlog and drains it, against the same with one agent. They run
+after the others; ``--rows`` selects them like any row, ``--no-manager`` skips them.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ import pika.channel
 import pika.exceptions
 from pika.spec import Basic
 
-from tools.bench import report
+from tools.bench import managed, report
 from tools.bench.probe import Admin, CpuMark, CpuMeter, Names, find_broker_pid
 from tools.bench.relays import DEFAULT_URL, parameters, parse_stamped
 
@@ -81,7 +87,7 @@ CAT_EXEC = shlex.join([sys.executable, "-u", "-c", CAT_CODE])
 TR_SERVICE_EXEC = "stdbuf -oL tr a-z A-Z"
 TR_EXEC = "tr a-z A-Z"
 # The agent's per-message default (agent/config.py: AgentConfig.concurrency).
-DEFAULT_CONCURRENCY = max(2, os.cpu_count() or 2)
+DEFAULT_CONCURRENCY = 2 * max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -500,16 +506,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "on the same broker (RabbitMQ from STREAMBOSS_BROKER_URL or "
                     f"{DEFAULT_URL}).")
     parser.add_argument("--quick", action="store_true",
-                        help="small N and short latency runs, one round (about a minute)")
+                        help="small N and short latency runs, one round (about two minutes)")
     parser.add_argument("--json", metavar="FILE", type=Path, help="also write the figures here")
     parser.add_argument("--rounds", type=int, default=None,
                         help="throughput rounds, run round-robin (default 3; --quick 1)")
     parser.add_argument("--latency-rounds", type=int, default=None,
                         help="latency rounds, run round-robin (default 2; --quick 1)")
     parser.add_argument("--rows", metavar="KEYS",
-                        help="comma-separated subset of row keys (plain, naive, spawn, svc-cat, "
-                             "svc-tr, pm, pm-cN); ratios need their reference rows")
+                        help="comma-separated subset of row keys (plain, plain-hdr, naive, "
+                             "spawn, svc-cat, svc-tr, pm, pm-cN; with a manager: demand, "
+                             "demand-chain, scale, scale-wait); ratios need their reference rows")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency runs")
+    parser.add_argument("--no-manager", action="store_true",
+                        help="skip the rows that start a manager (demand*, scale*)")
+    parser.add_argument("--demand-repeats", type=int, default=None,
+                        help="demand-reaction samples per row (default 5; --quick 2)")
+    parser.add_argument("--scale-rounds", type=int, default=None,
+                        help="scale-out rounds, each a scaled and a single-agent run "
+                             "(default 1)")
     return parser.parse_args(argv)
 
 
@@ -519,13 +533,17 @@ def main(argv: list[str] | None = None) -> int:
     latency_rounds = 0 if args.no_latency else (args.latency_rounds or (1 if args.quick else 2))
     url = os.environ.get("STREAMBOSS_BROKER_URL") or DEFAULT_URL
     all_rows = rows()
+    manager_keys = set() if args.no_manager else set(managed.KEYS)
     if args.rows:
         wanted = {key.strip() for key in args.rows.split(",")}
-        unknown = wanted - {row.key for row in all_rows}
+        unknown = wanted - {row.key for row in all_rows} - set(managed.KEYS)
         if unknown:
             print(f"unknown row(s): {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
         all_rows = [row for row in all_rows if row.key in wanted]
+        manager_keys &= wanted
+    demand_repeats = args.demand_repeats or (2 if args.quick else 5)
+    scale_rounds = args.scale_rounds or 1
     by_key = {row.key: row for row in all_rows}
     try:
         admin = Admin(url)
@@ -539,20 +557,29 @@ def main(argv: list[str] | None = None) -> int:
                   poll=0.005, settle_timeout=3.0 if args.quick else 6.0)
     info = machine_info(admin, broker_pid)
     started = time.monotonic()
-    progress(f"bench run {ctx.run_id}: {'quick' if args.quick else 'full'}, {rounds} throughput "
-             f"round(s), {latency_rounds} latency round(s); logs in {ctx.log_dir}")
+    progress(f"bench run {ctx.run_id}: {'quick' if args.quick else 'full'}, "
+             f"{rounds if all_rows else 0} throughput round(s), "
+             f"{latency_rounds if set(by_key) & {k for k, _ in LATENCY_PLAN} else 0} latency "
+             "round(s), manager rows "
+             f"{', '.join(sorted(manager_keys)) or 'none'}; logs in {ctx.log_dir}")
     throughput_runs: dict[str, list[dict[str, Any]]] = {row.key: [] for row in all_rows}
     latency_runs: list[dict[str, Any]] = []
+    demand: dict[str, Any] = {}
+    scale: dict[str, Any] = {}
     try:
-        for round_no in range(1, rounds + 1):
+        for round_no in range(1, rounds + 1 if all_rows else 1):
             progress(f"throughput, round {round_no} of {rounds}")
             for row in all_rows:
                 throughput_runs[row.key].append(throughput(ctx, row, round_no))
-        for round_no in range(1, latency_rounds + 1):
+        plan = [(key, rate) for key, rate in LATENCY_PLAN if key in by_key]
+        for round_no in range(1, latency_rounds + 1 if plan else 1):
             progress(f"latency, round {round_no} of {latency_rounds}")
-            for key, rate in LATENCY_PLAN:
-                if key in by_key:
-                    latency_runs.append(latency(ctx, by_key[key], rate, round_no))
+            for key, rate in plan:
+                latency_runs.append(latency(ctx, by_key[key], rate, round_no))
+        if manager_keys & {"demand", "demand-chain"}:
+            demand = managed.demand(ctx, manager_keys, demand_repeats)
+        if manager_keys & {"scale", "scale-wait"}:
+            scale = managed.scale(ctx, manager_keys, scale_rounds)
     except KeyboardInterrupt:
         progress("interrupted; reporting what was measured")
     finally:
@@ -561,13 +588,16 @@ def main(argv: list[str] | None = None) -> int:
     figures = {
         "machine": info,
         "run": {"id": ctx.run_id, "quick": args.quick, "rounds": rounds,
-                "latency_rounds": latency_rounds,
+                "latency_rounds": latency_rounds, "demand_repeats": demand_repeats,
+                "scale_rounds": scale_rounds,
                 "poll_interval_s": ctx.poll},
         "rows": {row.key: {"label": row.label, "n": row.count(args.quick),
                            "summary": summarise(throughput_runs[row.key]),
                            "runs": throughput_runs[row.key]} for row in all_rows},
         "latency": summarise_latency(latency_runs),
         "latency_runs": latency_runs,
+        "demand": demand,
+        "scale": scale,
         "failures": ctx.failures,
     }
     figures["ratios"], figures["targets"] = report.evaluate(figures)

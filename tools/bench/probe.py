@@ -84,13 +84,18 @@ class Admin:
         ch.queue_bind(names.capture, names.output_exchange, routing_key="#")
 
     def teardown(self, names: Names) -> None:
-        for queue in (names.queue, names.capture):
+        self.delete([names.queue, names.capture],
+                    [names.input_exchange, names.output_exchange, names.dead_exchange])
+
+    def delete(self, queues: list[str], exchanges: list[str]) -> None:
+        """Delete these queues and exchanges, ignoring any that are gone already."""
+        for queue in queues:
             try:
                 self._reopen()
                 self.channel.queue_delete(queue)
             except pika.exceptions.AMQPError:
                 pass
-        for exchange in (names.input_exchange, names.output_exchange, names.dead_exchange):
+        for exchange in exchanges:
             try:
                 self._reopen()
                 self.channel.exchange_delete(exchange)
@@ -101,6 +106,17 @@ class Admin:
         """``(ready messages, consumers)`` of ``queue`` (a passive declare)."""
         ok = self.channel.queue_declare(queue, passive=True)
         return ok.method.message_count, ok.method.consumer_count
+
+    def depth_if_exists(self, queue: str) -> int | None:
+        """Ready messages in ``queue``, or None when it does not exist."""
+        try:
+            self._reopen()
+            return self.depth(queue)[0]
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            self._reopen()
+            return None
 
     def prefill(self, names: Names, count: int) -> float:
         """Publish ``count`` bodies to the input stream; wait until the queue holds them all."""

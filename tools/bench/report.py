@@ -106,6 +106,19 @@ def render(figures: dict[str, Any]) -> str:
         f"{machine['nproc']} CPUs ({machine['cpu']}), RabbitMQ {machine['rabbitmq']}, "
         f"Python {machine['python']}, pika {machine['pika']}, load {machine['load_1min_at_start']}"
         f" at start, {machine['wall_s']} s",
+    ]
+    if figures["rows"]:
+        lines += _throughput(figures)
+    lines += _demand(figures.get("demand") or {})
+    lines += _scale(figures.get("scale") or {})
+    if figures["failures"]:
+        lines += ["", "Problems:"] + [f"  {note}" for note in figures["failures"]]
+    return "\n".join(lines)
+
+
+def _throughput(figures: dict[str, Any]) -> list[str]:
+    run = figures["run"]
+    lines = [
         "",
         f"Throughput: N persistent 100-byte messages prefilled (untimed); window = first to "
         f"N-th output in the capture queue; median of {run['rounds']} round(s) [min-max]. "
@@ -163,6 +176,96 @@ def render(figures: dict[str, Any]) -> str:
               if name not in {t[0] for t in TARGETS} and not math.isnan(value)]
     if others:
         lines.append("  other ratios: " + ", ".join(others))
-    if figures["failures"]:
-        lines += ["", "Problems:"] + [f"  {note}" for note in figures["failures"]]
-    return "\n".join(lines)
+    return lines
+
+
+def _spread(figure: dict[str, float]) -> str:
+    if not figure:
+        return f"{'-':>18}"
+    return f"{figure['min']:5.2f} {figure['median']:5.2f} {figure['max']:5.2f}"
+
+
+DEMAND_LABELS = {"demand": "1 operation", "demand-chain": "3-operation chain (wakes backwards)"}
+
+
+def _demand(section: dict[str, Any]) -> list[str]:
+    if not section:
+        return []
+    policy = ", ".join(f"{k} {v}" for k, v in section["policy"].items())
+    lines = [
+        "",
+        f"Demand reaction (manager; `{section['exec']}` per-message, policy {policy}): consumer "
+        "attaches to the last output, one message published at the head; seconds, "
+        f"min median max of {section['repeats']} sample(s). 'agents' = attach -> status shows "
+        "every operation's agent running (100 ms polls); 'output' = attach -> output "
+        "received; 'zero' = detach -> status shows no agents.",
+    ]
+    header = (f"{'row':40} {'ok':>5}  {'agents (min med max)':>20}  {'output (min med max)':>20}  "
+              f"{'zero (min med max)':>20}")
+    lines += [header, "-" * len(header)]
+    for key, label in DEMAND_LABELS.items():
+        entry = section.get(key)
+        if not entry:
+            continue
+        ok = f"{entry['succeeded']}/{len(entry['runs'])}"
+        lines.append(f"{label:40} {ok:>5}  {_spread(entry['agent_s']):>20}  "
+                     f"{_spread(entry['reaction_s']):>20}  {_spread(entry['zero_s']):>20}")
+    if "error" in section:
+        lines.append(f"  FAILED: {section['error']}")
+    return lines
+
+
+def _scale(section: dict[str, Any]) -> list[str]:
+    if not section:
+        return []
+    policy = ", ".join(f"{k} {v}" for k, v in section["policy"].items())
+    lines = [
+        "",
+        f"Scale-out (manager; policy {policy}; 'max 1' = the same with max 1): N messages "
+        "waiting in the operation queue, then a consumer attaches; seconds from the attach "
+        "to the first agent running, to max agents running, to the first and the N-th "
+        "output; rate = outputs/s from first to N-th output; CPU in cores over attach -> "
+        f"N-th output; median of {section['rounds']} round(s).",
+    ]
+    header = (f"{'workload':38} {'max':>3} {'N':>7} {'agent1':>6} {'maxag':>6} {'peak':>4} "
+              f"{'out1':>6} {'drained':>7} {'msg/s':>7} {'x max1':>6} {'agents':>6} "
+              f"{'broker':>6} {'other':>6}")
+    lines += [header, "-" * len(header)]
+    for key, entry in section.items():
+        if not isinstance(entry, dict) or "scaled" not in entry:
+            continue
+        single_rate = entry["single"].get("rate", math.nan)
+        for which, limit in (("scaled", section["policy"]["max"]), ("single", 1)):
+            s = entry[which]
+            rate = s.get("rate", math.nan)
+            failed = s["rounds"] - s["succeeded"]
+            lines.append(
+                f"{(entry['label'] if which == 'scaled' else '')[:38]:38} {limit:>3} "
+                f"{entry['n']:>7,} {_fmt(s.get('first_agent_s'), '.2f'):>6} "
+                f"{_fmt(s.get('max_agents_s'), '.2f'):>6} {_fmt(s.get('peak_agents'), '.0f'):>4} "
+                f"{_fmt(s.get('first_output_s'), '.2f'):>6} {_fmt(s.get('drained_s'), '.1f'):>7} "
+                f"{_fmt(rate, ',.0f', 'FAILED'):>7} {_fmt(rate / single_rate, '.2f'):>6} "
+                f"{_fmt(s.get('agents_cores'), '.2f'):>6} {_fmt(s.get('broker_cores'), '.2f'):>6} "
+                f"{_other(s.get('other_cores')):>6}"
+                + (f"  ({failed} round(s) failed)" if failed else ""))
+        for which in ("scaled_runs", "single_runs"):
+            for run in entry[which]:
+                if run.get("timeline"):
+                    lines.append(f"    {key} max {run['max']} round {run['round']}, agents "
+                                 f"running[+draining] from the attach: {render_timeline(run)}")
+    lines.append(f"  * other work used more than {NOISY_OTHER_CORES} cores during that run.")
+    if "error" in section:
+        lines.append(f"  FAILED: {section['error']}")
+    return lines
+
+
+def render_timeline(run: dict[str, Any]) -> str:
+    """``0.5s 4, 6.1s 3, | detach 9.0s |, 11.2s 0+3d, ...``: running[+draining]."""
+    parts: list[str] = []
+    detach = run.get("detached_s")
+    for t, _desired, running, draining, _backlog in run.get("timeline", []):
+        if detach is not None and t >= detach:
+            parts.append(f"| detach {detach:.1f}s |")
+            detach = None
+        parts.append(f"{t:.1f}s {running}" + (f"+{draining}d" if draining else ""))
+    return ", ".join(parts).replace(", |", " |").replace("|, ", "| ")
