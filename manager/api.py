@@ -130,7 +130,7 @@ def create_app(manager: Manager) -> FastAPI:
         return [d.to_dict() for d in manager.store.definitions()]
 
     @app.post("/v1/definitions", dependencies=v1, status_code=201)
-    def define_process(body: Annotated[dict[str, Any], Body()],
+    def define_process(body: Annotated[Any, Body()],
                        name: Annotated[str | None, Query()] = None) -> dict[str, Any]:
         return manager.store.define_process(body, name=name).to_dict()
 
@@ -148,7 +148,7 @@ def create_app(manager: Manager) -> FastAPI:
         return {"deleted": ref, "operations_deleted": removed}
 
     @app.post("/api/process_definition/", dependencies=v1, include_in_schema=False)
-    def seed_define_process(body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+    def seed_define_process(body: Annotated[Any, Body()]) -> dict[str, Any]:
         # The seed's own registration call, answered the way its tools expect.
         definition = manager.store.define_process(body)
         return {"id": definition.id, "name": definition.name}

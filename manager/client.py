@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 URL_ENV = "STREAMBOSS_URL"
+TOKEN_ENV = "STREAMBOSS_TOKEN"
 DEFAULT_URL = "http://127.0.0.1:8181"
 # Declarations are quick; a manager that does not answer in this long is stuck.
 TIMEOUT = 30.0
@@ -20,7 +21,7 @@ class ClientError(RuntimeError):
 class Client:
     def __init__(self, url: str | None = None, token: str | None = None) -> None:
         self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-        token = token or os.environ.get("STREAMBOSS_TOKEN")
+        token = token or os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT)
 

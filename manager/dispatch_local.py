@@ -22,6 +22,7 @@ from pathlib import Path
 
 from streamboss.agent.config import BROKER_URL_ENV
 
+from .client import TOKEN_ENV
 from .model import Definition, Operation
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,8 @@ class LocalDispatcher:
     def _spawn(self, operation: Operation, definition_file: Path) -> AgentProcess:
         self._sequence += 1
         env = dict(os.environ)
+        # An agent needs the broker, not the manager's API token.
+        env.pop(TOKEN_ENV, None)
         env[BROKER_URL_ENV] = self.broker_url
         argv = [sys.executable, "-m", "streamboss.agent", "--operation", operation.name,
                 "--input", operation.input, "--output", operation.output,

@@ -17,13 +17,13 @@ from streamboss.agent.config import redact
 
 from .api import Manager, create_app
 from .broker import Broker
+from .client import TOKEN_ENV
 from .dispatch_local import LocalDispatcher
 from .reconciler import Reconciler
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "STREAMBOSS_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8181
 

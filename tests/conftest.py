@@ -8,12 +8,14 @@ exchange, operation queue or agent process behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pika
 import pika.exceptions
 import pytest
@@ -427,3 +430,413 @@ def run_cli(argv: list[str], env: dict[str, str] | None = None,
     """Run a command line to completion with text stdout/stderr."""
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+# -- the stream manager --------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tools"
+MANAGER = [PYTHON, "-m", "streamboss.manager"]
+# Bounds that keep a broken manager from hanging the suite; they are not speed claims.
+MANAGER_START_TIMEOUT = 30.0
+MANAGER_STOP_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (closed again, so also an unreachable one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of ``pid``, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def agent_pids(operation: str) -> set[int]:
+    """Live ``streamboss.agent`` processes running ``--operation operation``.
+
+    Zombies do not count, nor a child an agent has forked but not yet exec'd (it
+    briefly carries its parent's command line).
+    """
+    wanted = operation.encode()
+    found: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if b"streamboss.agent" not in argv:
+            continue
+        if not any(argv[i] == b"--operation" and argv[i + 1] == wanted
+                   for i in range(len(argv) - 1)):
+            continue
+        state = _proc_state(int(entry))
+        if state is None or state[0] == "Z":
+            continue
+        found[int(entry)] = state[1]
+    return {pid for pid, parent in found.items() if parent not in found}
+
+
+def pids_with_argument(argument: str) -> set[int]:
+    """Live processes with ``argument`` somewhere in one of their arguments."""
+    needle = argument.encode()
+    found: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if any(needle in arg for arg in argv):
+            state = _proc_state(int(entry))
+            if state is not None and state[0] != "Z":
+                found.add(int(entry))
+    return found
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail saying ``what`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+class ManagerProcess:
+    """A real ``streamboss manager`` subprocess with its own state directory and port."""
+
+    def __init__(self, state_dir: Path, port: int, broker_url: str, log_path: Path,
+                 host: str = "127.0.0.1", token: str | None = None) -> None:
+        self.state_dir = state_dir
+        self.port = port
+        self.host = host
+        self.broker_url = broker_url
+        self.log_path = log_path
+        self.token = token
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    # life
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBOSS_")}
+        env["STREAMBOSS_BROKER_URL"] = self.broker_url
+        env["STREAMBOSS_URL"] = self.url
+        if self.token:
+            env["STREAMBOSS_TOKEN"] = self.token
+        env.update(extra)
+        return env
+
+    def start(self, wait: bool = True) -> ManagerProcess:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        if self._log is not None:
+            self._log.close()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
+        argv = [*MANAGER, "manager", "--port", str(self.port), "--state-dir",
+                str(self.state_dir), "--host", self.host]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=self._log, env=self.env(),
+                                     cwd=self.state_dir.parent)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = MANAGER_START_TIMEOUT) -> None:
+        def healthy() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"manager exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout, f"the manager on port {self.port}\n{self.log()}", 0.1)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = MANAGER_STOP_TIMEOUT) -> int:
+        """Send ``sig`` and wait for the manager to exit; return its exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def kill9(self) -> None:
+        """SIGKILL the manager alone: its agents live on as orphans."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    # talking to it
+
+    def cli(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """``streamboss ARGS`` against this manager (and the test broker)."""
+        return subprocess.run([*MANAGER, *args], capture_output=True, text=True,
+                              timeout=timeout, env={**self.env(), **(env or {})},
+                              stdin=subprocess.DEVNULL)
+
+    def ok(self, *args: str, env: dict[str, str] | None = None) -> str:
+        """``cli`` that must succeed; returns stdout."""
+        result = self.cli(*args, env=env)
+        assert result.returncode == 0, (args, result.returncode, result.stderr)
+        return result.stdout
+
+    def tool(self, script: str, *args: str, env: dict[str, str] | None = None,
+             input: str | None = None,
+             timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """One of the seed's ``tools/`` shims, run the way a person runs it."""
+        return subprocess.run([PYTHON, str(TOOLS / script), *args], capture_output=True,
+                              text=True, timeout=timeout, input=input,
+                              env={**self.env(), **(env or {})}, cwd=TOOLS)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {**self.headers(), **kwargs.pop("headers", {})}
+        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30,
+                             **kwargs)
+
+    def declarations(self) -> dict[str, Any]:
+        """What ``streamboss list -o json`` prints."""
+        return json.loads(self.ok("list", "-o", "json"))
+
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/status`` (the same document ``status -o json`` prints)."""
+        response = self.api("GET", "/v1/status")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def op_status(self, operation: str) -> dict[str, Any] | None:
+        for entry in self.status()["operations"]:
+            if entry["name"] == operation:
+                return entry
+        return None
+
+    def wait_status(self, operation: str, predicate: Any, timeout: float,
+                    what: str) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            entry = self.op_status(operation)
+            return entry if entry is not None and predicate(entry) else None
+
+        try:
+            return wait_until(check, timeout, f"{operation}: {what}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last status {self.op_status(operation)}") from None
+
+    def pid_files(self, operation: str) -> list[Path]:
+        return sorted((self.state_dir / "agents").glob(f"{operation}.*.pid"))
+
+
+class ManagerPool:
+    """Starts managers and cleans up after them: every manager is stopped with SIGTERM
+    (it drains its agents), leftover agents of its state directories are killed, and
+    every exchange and queue of the names handed out or declared is deleted."""
+
+    def __init__(self, broker_url: str, base: Path) -> None:
+        self.broker_url = broker_url
+        self.base = base
+        self.managers: list[ManagerProcess] = []
+        self._names: set[str] = set()
+        self._run = uuid.uuid4().hex[:8]
+        self._counter = iter(range(1_000_000))
+
+    def name(self, prefix: str) -> str:
+        """A valid, unique stream or operation name, deleted from the broker at the end."""
+        made = f"m-{prefix}-{self._run}-{next(self._counter)}"
+        self._names.add(made)
+        return made
+
+    def new(self, state_dir: Path | None = None, port: int | None = None,
+            host: str = "127.0.0.1", token: str | None = None) -> ManagerProcess:
+        """A manager, not started yet."""
+        index = len(self.managers)
+        state_dir = state_dir or self.base / f"state-{index}"
+        manager = ManagerProcess(state_dir, port or free_port(), self.broker_url,
+                                 self.base / f"manager-{index}.log", host, token)
+        self.managers.append(manager)
+        return manager
+
+    def start(self, **kwargs: Any) -> ManagerProcess:
+        return self.new(**kwargs).start()
+
+    def _remember_declarations(self, manager: ManagerProcess) -> None:
+        with contextlib.suppress(Exception):
+            for stream in manager.api("GET", "/v1/streams").json():
+                self._names.add(stream["name"])
+            for op in manager.api("GET", "/v1/operations").json():
+                self._names.update((op["name"], op["input"], op["output"]))
+
+    def close(self) -> None:
+        for manager in self.managers:
+            if manager.running():
+                self._remember_declarations(manager)
+                with contextlib.suppress(Exception):
+                    manager.stop(signal.SIGTERM)
+                if manager.running():
+                    manager.kill9()
+            manager.close()
+        # Agents of a manager that was killed, or did not drain them: kill them and
+        # whatever they started.
+        for manager in self.managers:
+            for pid in pids_with_argument(str(manager.state_dir / "agents") + os.sep):
+                for victim in [pid, *descendants(pid)]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(victim, signal.SIGKILL)
+        self._delete_broker_objects()
+
+    def _delete_broker_objects(self) -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(self.broker_url))
+        try:
+            channel = connection.channel()
+            for name in sorted(self._names):
+                for kind, target in (("queue", op_queue(name)), ("queue", f"sb.dead.{name}"),
+                                     ("exchange", stream_exchange(name)),
+                                     ("exchange", stream_exchange(f"{name}.dead"))):
+                    try:
+                        if kind == "queue":
+                            channel.queue_delete(target)
+                        else:
+                            channel.exchange_delete(target)
+                    except pika.exceptions.ChannelClosedByBroker:
+                        channel = connection.channel()
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+
+@pytest.fixture
+def managers(broker_url: str, tmp_path: Path) -> Iterator[ManagerPool]:
+    """``managers.start()`` -> a running manager of this test; all stopped at teardown."""
+    pool = ManagerPool(broker_url, tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture(scope="module")
+def module_managers(broker_url: str, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[ManagerPool]:
+    """A ManagerPool shared by a test module (one manager, one free port per module)."""
+    pool = ManagerPool(broker_url, tmp_path_factory.mktemp("managers"))
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+class StreamFollower:
+    """A consumer of a stream in this test process, on a thread of its own: the manager
+    sees it as demand from the moment it attaches until it leaves."""
+
+    def __init__(self, broker_url: str, stream: str, prefetch: int = 1000) -> None:
+        self.stream = stream
+        self.messages: list[Message] = []
+        self.attached_at = 0.0
+        self.left_at = 0.0
+        self._url = broker_url
+        self._prefetch = prefetch
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"follow-{stream}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(READY_TIMEOUT):
+            raise AssertionError(f"could not attach a consumer to {stream}")
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        connection = None
+        try:
+            connection = pika.BlockingConnection(pika.URLParameters(self._url))
+            channel = connection.channel()
+            channel.basic_qos(prefetch_count=self._prefetch)
+            # From here on the manager may see us (an exclusive queue counts as a consumer).
+            self.attached_at = time.monotonic()
+            queue = channel.queue_declare("", exclusive=True).method.queue
+            channel.queue_bind(queue, stream_exchange(self.stream), routing_key="#")
+            channel.basic_consume(queue, self._on_message)
+            self._ready.set()
+            while not self._stop.is_set():
+                connection.process_data_events(time_limit=0.05)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+        finally:
+            if connection is not None and connection.is_open:
+                with contextlib.suppress(Exception):
+                    connection.close()
+            self.left_at = time.monotonic()
+
+    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self.messages.append(Message(body, properties, method.redelivered, method.routing_key))
+        channel.basic_ack(method.delivery_tag)
+
+    def wait_for(self, count: int, timeout: float = COLLECT_TIMEOUT) -> list[Message]:
+        """At least ``count`` messages, or fail saying how many arrived."""
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            if self._error is not None:
+                raise AssertionError(f"consumer of {self.stream} failed: {self._error!r}")
+            time.sleep(0.05)
+        if len(self.messages) < count:
+            raise AssertionError(f"expected {count} message(s) on {self.stream}, got "
+                                 f"{len(self.messages)} in {timeout:g}s")
+        return list(self.messages)
+
+    def leave(self) -> float:
+        """Close the connection (the queue goes with it); return when that happened."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self.left_at
+
+
+@pytest.fixture
+def follow(broker_url: str) -> Iterator[Any]:
+    """``follow(stream)`` -> a StreamFollower attached now; all leave at teardown."""
+    started: list[StreamFollower] = []
+
+    def attach(stream: str, prefetch: int = 1000) -> StreamFollower:
+        follower = StreamFollower(broker_url, stream, prefetch)
+        started.append(follower)
+        return follower
+
+    try:
+        yield attach
+    finally:
+        for follower in started:
+            follower.leave()
