@@ -146,7 +146,7 @@ def test_deleting_a_stream_in_use(manager: ManagerProcess, names, definition_id:
     (json.dumps({"definition": {"application": "x", "name": "upper"}}), ["missing 'exec'"]),
     (json.dumps({"definition": {"exec": "cat", "name": "x", "retries": 3}}),
      ["unknown field", "retries"]),
-    (json.dumps(["exec", "cat"]), ["valid dictionary"]),
+    (json.dumps(["exec", "cat"]), ["must be a JSON object", "exec"]),
 ], ids=["invalid-json", "empty", "missing-exec", "unknown-field", "not-an-object"])
 def test_a_malformed_definition_file(manager: ManagerProcess, tmp_path: Path, text: str,
                                      words: list[str]) -> None:
