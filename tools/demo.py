@@ -68,7 +68,9 @@ def main() -> int:
         registered = httpx.post(f"{URL}/api/process_definition/", json=seed, timeout=10).json()
         print(f"$ curl -X POST {URL}/api/process_definition/ -d '{json.dumps(seed)}'\n"
               f"  {json.dumps(registered)}")
-        shim("remove_operation.py", "my-operation", check=False)
+        declared = httpx.get(f"{URL}/v1/operations", timeout=10).json()
+        if any(op["name"] == "my-operation" for op in declared):  # left by an earlier run
+            shim("remove_operation.py", "my-operation")
         shim("create_operation.py", "my-operation", str(registered["id"]), "mystream",
              "outputstream")
         print("$ ./consume.py outputstream &", flush=True)
