@@ -4,6 +4,8 @@ the machine, and the messages that arrive. A real manager, real agents, the real
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -226,3 +228,25 @@ def test_a_backlog_scales_out_to_max_and_back_in_without_losing_anything(
     assert time.monotonic() - left < GONE_AFTER_LEAVING
     entry = status_json(manager, operation)
     assert (entry["desired"], entry["running"], entry["backlog"]) == (0, 0, 0)
+
+
+def test_a_crashed_agent_is_replaced_and_nothing_is_lost(manager: ManagerProcess, names, follow,
+                                                         tmp_path: Path) -> None:
+    source, sink, operation = names("in"), names("out"), names("crashy")
+    manager.ok("create-stream", source)
+    definition = define(manager, tmp_path, "crashy", {"exec": "tr a-z A-Z"})
+    manager.ok("create-operation", operation, definition, source, sink)
+    follower = follow(sink)
+    manager.wait_status(operation, lambda s: s["running"] == 1, SETTLE_TIMEOUT,
+                        "an agent for the consumer")
+    [first] = agent_pids(operation)
+    os.kill(first, signal.SIGKILL)
+    # Published while no agent runs: the operation's queue keeps it for the replacement.
+    manager.ok("publish", source, "after the crash")
+    wait_until(lambda: agent_pids(operation) - {first}, SETTLE_TIMEOUT,
+               "a new agent after the crash")
+    entry = manager.wait_status(operation, lambda s: s["restarts"] >= 1, SETTLE_TIMEOUT,
+                                "the crash counted in status")
+    assert entry["running"] == 1 and len(agent_pids(operation)) == 1
+    [message] = follower.wait_for(1)
+    assert message.body == b"AFTER THE CRASH"
