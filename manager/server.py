@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
 import os
@@ -10,6 +11,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import uvicorn
 
@@ -77,6 +79,30 @@ def _stop_on_sigterm(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
+def lock_state_dir(state_dir: Path) -> TextIO:
+    """Hold the state directory for this manager: two managers on one directory
+    would each start a set of agents.
+
+    Raises:
+        ServerError: another live manager holds it.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handle = (state_dir / "manager.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ServerError(f"another manager (pid {holder}) uses the state directory "
+                          f"{state_dir}: stop it or pass another --state-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def serve(config: ServerConfig, banner: bool = False) -> None:
     """Run the manager in the foreground until SIGINT/SIGTERM; stop every agent it started.
 
@@ -88,6 +114,7 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
                           "use --dispatcher local")
     token = token_for(config.host)
     check_port_free(config.host, config.port)
+    lock = lock_state_dir(config.state_dir)
     store = Store(config.state_dir)
     dispatcher = LocalDispatcher(config.state_dir, config.broker_url)
     replaced = dispatcher.replace_previous()
@@ -123,3 +150,4 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
         manager.broker.close()
         reconciler.broker.close()
         store.close()
+        lock.close()

@@ -1,4 +1,5 @@
-"""Binding beyond loopback needs a token; with one, the API wants it on every call."""
+"""Who may run and reach a manager: binding beyond loopback needs a token (then the API
+wants it on every call), and one state directory has one manager."""
 
 from __future__ import annotations
 
@@ -69,3 +70,17 @@ def test_the_cli_sends_streamboss_token(guarded, module_managers: ManagerPool) -
     assert without.returncode == 2 and len(lines) == 1, without.stderr
     assert "token" in lines[0] and "STREAMBOSS_TOKEN" in lines[0]
     assert TOKEN not in without.stderr
+
+
+def test_a_second_manager_on_the_same_state_dir_is_refused(module_managers: ManagerPool,
+                                                           broker_url: str) -> None:
+    """Two managers on one state directory would each start a set of agents."""
+    first = module_managers.start()
+    result = run_cli([*MANAGER, "manager", "--port", str(free_port()),
+                      "--state-dir", str(first.state_dir)],
+                     env={"STREAMBOSS_BROKER_URL": broker_url}, timeout=30)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "another manager" in lines[0] and str(first.state_dir) in lines[0]
+    assert first.ok("list", "-o", "json")  # the first one is unharmed
