@@ -30,7 +30,25 @@ DEAD_ATTEMPTS = "sb-dead-attempts"
 DEAD_STDERR = "sb-dead-stderr"
 DEAD_OPERATION = "sb-dead-operation"
 
+# An object reference (claim check): the message stands for an object in storage.
+OBJECT_URL = "sb-object-url"
+OBJECT_SIZE = "sb-object-size"
+OBJECT_SHA256 = "sb-object-sha256"
+OBJECT_CONTENT_TYPE = "sb-object-content-type"
+
 PERSISTENT = 2
+
+
+def object_reference(properties: pika.BasicProperties) -> tuple[str, str] | None:
+    """``(url, sha256)`` when the message is an object reference, else None."""
+    headers = properties.headers
+    if not headers or OBJECT_URL not in headers:
+        return None
+
+    def text(value: Any) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value or "")
+
+    return text(headers[OBJECT_URL]), text(headers.get(OBJECT_SHA256))
 
 
 _second_cache: tuple[int, str] = (-1, "")

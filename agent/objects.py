@@ -260,6 +260,8 @@ def _put_file(
     digest = hashlib.sha256()
     size = 0
     try:
+        # Keys hold slashes, as in S3: the directories are made as needed.
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=directory)
     except OSError as exc:
         raise ObjectStoreError(f"{url}: cannot write in {directory}: {exc.strerror}", url) from exc

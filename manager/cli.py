@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
+import mimetypes
 import os
 import sys
+import uuid
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import click
 import pika
 
+from streamboss.agent import headers as hdr
+from streamboss.agent import objects
 from streamboss.agent.cli import agent_command, run_cli
 from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL
 
@@ -20,8 +26,9 @@ from .client import Client, ClientError
 from .model import ScalingPolicy
 from .paths import state_dir
 from .server import DEFAULT_HOST, DEFAULT_PORT, ServerConfig, ServerError, serve
-from .streams_io import StreamError, consume, publish
+from .streams_io import StreamError, check_stream, consume, publish
 
+OBJECT_STORE_ENV = "STREAMBOSS_OBJECT_STORE"
 OUTPUT = click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]),
                       default="table", show_default=True, help="Human table or JSON.")
 
@@ -329,6 +336,65 @@ def consume_(stream: str, count: int | None, timeout: float | None, raw: bool,
         _fail(exc)
     except KeyboardInterrupt:
         return
+
+
+class _ProgressReader(io.RawIOBase):
+    """A file that advances a progress bar as the uploader reads it."""
+
+    def __init__(self, source: BinaryIO, bar: Any) -> None:
+        self._source = source
+        self._bar = bar
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._source.readinto(buffer)  # type: ignore[attr-defined]
+        self._bar.update(count or 0)
+        return count or 0
+
+
+def _default_store() -> str:
+    return os.environ.get(OBJECT_STORE_ENV) or f"file://{state_dir() / 'objects'}"
+
+
+@cli.command("stream-file")
+@click.argument("stream")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--store", metavar="URL",
+              help=f"Where the object goes: file:///DIR or s3://BUCKET[/PREFIX] (env "
+                   f"{OBJECT_STORE_ENV}; default file://<state>/objects).")
+def stream_file(stream: str, file: Path, store: str | None) -> None:
+    """Upload FILE to object storage, then publish a reference to it on STREAM.
+
+    Operations in per-message mode get the object's bytes on stdin, verified
+    against its sha256, as if the file itself had been published.
+    """
+    try:
+        source = file.open("rb")
+    except OSError as exc:
+        _fail(ValueError(f"cannot read {file}: {exc.strerror}"))
+    broker = _broker_url()
+    try:
+        # The stream is checked first, so a bad name uploads nothing.
+        check_stream(broker, stream)
+        size = os.fstat(source.fileno()).st_size
+        target = f"{(store or _default_store()).rstrip('/')}/{stream}/{uuid.uuid4().hex}/" \
+                 f"{file.name}"
+        content_type = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+        with click.progressbar(length=size, label=f"uploading {file.name}", file=sys.stderr,
+                               show_pos=True) as bar:
+            info = objects.put(target, io.BufferedReader(_ProgressReader(source, bar)),
+                               content_type)
+        publish(broker, stream, [info.url.encode()], headers={
+            hdr.OBJECT_URL: info.url, hdr.OBJECT_SIZE: info.size,
+            hdr.OBJECT_SHA256: info.sha256, hdr.OBJECT_CONTENT_TYPE: content_type})
+    except (StreamError, objects.ObjectStoreError) as exc:
+        _fail(exc)
+    finally:
+        source.close()
+    click.echo(f"published a reference to {info.url} ({info.size} bytes, sha256 "
+               f"{info.sha256}) on {stream}", err=True)
 
 
 def main() -> None:

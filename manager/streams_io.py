@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -36,7 +37,18 @@ def _check_stream(channel: pika.adapters.blocking_connection.BlockingChannel,
                           f"`streamboss create-stream {stream}`") from None
 
 
-def publish(url: str, stream: str, messages: Iterable[bytes]) -> int:
+def check_stream(url: str, stream: str) -> None:
+    """Raises: StreamError when the broker is away or ``stream`` does not exist."""
+    connection = _connect(url)
+    try:
+        _check_stream(connection.channel(), stream)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def publish(url: str, stream: str, messages: Iterable[bytes],
+            headers: dict[str, Any] | None = None) -> int:
     """Publish each message with confirms; return how many the broker confirmed.
 
     Raises:
@@ -51,7 +63,7 @@ def publish(url: str, stream: str, messages: Iterable[bytes]) -> int:
         exchange = stream_exchange(stream)
         for body in messages:
             channel.basic_publish(exchange, "", body,
-                                  output_properties(stream, SOURCE, None))
+                                  output_properties(stream, SOURCE, None, headers))
             count += 1
         return count
     finally:

@@ -140,8 +140,16 @@ def test_file_missing_object(tmp_path):
         objects.verify(url, "00")
 
 
-def test_file_missing_directory(tmp_path):
-    url = file_url(tmp_path / "no-dir" / "obj")
+def test_file_keys_with_slashes_make_their_directories(tmp_path):
+    url = file_url(tmp_path / "stream" / "run" / "obj")
+    info = objects.put(url, io.BytesIO(b"x"))
+    assert (tmp_path / "stream" / "run" / "obj").read_bytes() == b"x"
+    assert info.size == 1
+
+
+def test_file_under_a_regular_file_is_refused(tmp_path):
+    (tmp_path / "plain").write_bytes(b"not a directory")
+    url = file_url(tmp_path / "plain" / "obj")
     with pytest.raises(ObjectStoreError, match="cannot write") as err:
         objects.put(url, io.BytesIO(b"x"))
     assert url in str(err.value)

@@ -7,6 +7,8 @@ pipes; results return to the loop thread through ``add_callback_threadsafe``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import heapq
 import logging
 import subprocess
@@ -14,9 +16,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import IO
 
+from .. import objects
 from ..config import ProcessDefinition
 from ..delivery import Delivery
+from ..headers import object_reference
 from ..process import StderrTail, child_env, exit_reason, kill_group, spawn
 from . import Outcomes
 
@@ -26,6 +31,8 @@ log = logging.getLogger(__name__)
 # fails because something it needs is briefly away gets a second chance.
 RETRY_DELAY = 0.2
 RETRY_DELAY_MAX = 5.0
+# Large enough to keep the pipe full, small enough that a big object never is.
+FEED_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -79,10 +86,37 @@ class Watchdog:
                 self._lock.wait(wait)
 
 
-def run_once(argv: list[str], env: dict[str, str], body: bytes, timeout: float | None,
-             stderr: StderrTail, live: set[subprocess.Popen[bytes]],
+class ObjectFeed:
+    """Streams a referenced object into a child's stdin, hashing it on the way.
+
+    The object is never whole in memory: it goes from the store to the pipe in
+    chunks, and the digest is compared once the child has read it all.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.sha256 = hashlib.sha256()
+        self.error: str | None = None
+
+    def pump(self, stdin: IO[bytes]) -> None:
+        try:
+            for chunk in objects.iter_chunks(self.url, FEED_CHUNK):
+                self.sha256.update(chunk)
+                stdin.write(chunk)
+        except objects.ObjectStoreError as exc:
+            self.error = str(exc)
+        except (BrokenPipeError, OSError):
+            pass  # the child stopped reading; its exit status says why
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+
+def run_once(argv: list[str], env: dict[str, str], body: bytes | ObjectFeed,
+             timeout: float | None, stderr: StderrTail, live: set[subprocess.Popen[bytes]],
              watchdog: Watchdog) -> Result:
-    """Run the program once on ``body``; kill its process group if it overruns ``timeout``.
+    """Run the program once on ``body`` (bytes, or an object streamed from storage);
+    kill its process group if it overruns ``timeout``.
 
     The child sits in ``live`` while it runs, so that a hard stop can kill it.
     """
@@ -94,9 +128,20 @@ def run_once(argv: list[str], env: dict[str, str], body: bytes, timeout: float |
     live.add(child)
     if timeout is not None:
         watchdog.watch(child, timeout)
+    feeder: threading.Thread | None = None
     try:
-        out, err = child.communicate(body)
+        if isinstance(body, ObjectFeed):
+            # stdin is ours to stream; communicate() then only collects the output.
+            stdin, child.stdin = child.stdin, None
+            assert stdin is not None
+            feeder = threading.Thread(target=body.pump, args=(stdin,), daemon=True)
+            feeder.start()
+            out, err = child.communicate()
+        else:
+            out, err = child.communicate(body)
     finally:
+        if feeder is not None:
+            feeder.join()
         live.discard(child)
         timed_out = timeout is not None and watchdog.done(child)
     stderr.feed(err)
@@ -145,11 +190,23 @@ class PerMessageRunner:
     def _work(self, delivery: Delivery) -> None:
         definition = self.definition
         delay = RETRY_DELAY
+        reference = object_reference(delivery.properties)
         while True:
             stderr = StderrTail(self.label)
-            result = run_once(self._argv, self._env, delivery.body, definition.timeout, stderr,
-                              self._live, self._watchdog)
+            feed = ObjectFeed(reference[0]) if reference else None
+            result = run_once(self._argv, self._env, feed or delivery.body, definition.timeout,
+                              stderr, self._live, self._watchdog)
             delivery.attempts += 1
+            if reference and feed:
+                problem = feed.error or (
+                    None if feed.sha256.hexdigest() == reference[1]
+                    else f"object digest mismatch: {reference[0]} has sha256 "
+                         f"{feed.sha256.hexdigest()}, the reference says {reference[1]}")
+                if problem:
+                    # A missing or corrupt object does not heal by retrying.
+                    self._report(self.outcomes.dead_letter, delivery, problem, None,
+                                 stderr.text())
+                    return
             if result.returncode == 0 and not result.timed_out:
                 self._report(self.outcomes.emit, delivery, result.stdout)
                 return

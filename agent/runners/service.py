@@ -24,6 +24,7 @@ from collections import deque
 from ..config import ProcessDefinition
 from ..delivery import Delivery
 from ..framing import Decoder, FramingError, encode
+from ..headers import object_reference
 from ..process import StderrTail, child_env, exit_reason, kill_group, spawn
 from . import Outcomes
 
@@ -70,6 +71,10 @@ class ServiceRunner:
             self._watchdog = self.ioloop.call_later(self._watch_interval(), self._check_timeout)
 
     def submit(self, delivery: Delivery) -> None:
+        if object_reference(delivery.properties):
+            self.outcomes.dead_letter(
+                delivery, "object references are resolved in per-message mode only", None, "")
+            return
         try:
             frame = encode(self.definition.framing, delivery.body)
         except FramingError as exc:
