@@ -61,6 +61,10 @@ consuming, finishes the in-flight messages and exits 0.
 @click.option("--drain-timeout", type=click.FloatRange(min=0),
               help=f"Seconds SIGTERM waits for in-flight messages.  [default: "
               f"{DEFAULT_DRAIN_TIMEOUT:g}]")
+@click.option("--output-threshold", type=click.IntRange(min=1), metavar="BYTES",
+              help="Per-message outputs larger than this go to the object store "
+              "(STREAMBOSS_OBJECT_STORE or the config file's object_store) and are published "
+              "as references.  [default: 4 MiB]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def agent_command(config_file: Path | None, operation: str | None, input_stream: str | None,
@@ -68,7 +72,7 @@ def agent_command(config_file: Path | None, operation: str | None, input_stream:
                   mode: str | None, framing: str | None, output_framing: str | None,
                   shell: bool | None, timeout: float | None, max_attempts: int | None,
                   concurrency: int | None, prefetch: int | None, drain_timeout: float | None,
-                  log_level: str) -> None:
+                  output_threshold: int | None, log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -90,7 +94,7 @@ def agent_command(config_file: Path | None, operation: str | None, input_stream:
             {**{k.replace("-", "_"): v for k, v in definition.items()},
              **{k: v for k, v in overrides.items() if v is not None}},
             {**file_values, "definition": {}},
-            prefetch=prefetch, drain_timeout=drain_timeout,
+            prefetch=prefetch, drain_timeout=drain_timeout, output_threshold=output_threshold,
         )
         check_program(config.definition)
     except ConfigError as exc:

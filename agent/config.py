@@ -19,6 +19,10 @@ from .framing import FRAMINGS
 from .naming import InvalidName, check_name
 
 BROKER_URL_ENV = "STREAMBOSS_BROKER_URL"
+OBJECT_STORE_ENV = "STREAMBOSS_OBJECT_STORE"
+# Outputs above this go to the object store as references: far below RabbitMQ's
+# 128 MiB message limit, and large messages slow every queue they pass through.
+DEFAULT_OUTPUT_THRESHOLD = 4 * 1024 * 1024
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 MODES = ("per-message", "service")
 
@@ -169,6 +173,8 @@ class AgentConfig:
     broker_url: str = DEFAULT_BROKER_URL
     prefetch: int = 0
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    object_store: str | None = None
+    output_threshold: int = DEFAULT_OUTPUT_THRESHOLD
 
     @property
     def concurrency(self) -> int:
@@ -233,6 +239,7 @@ def build_config(
     file_values: dict[str, Any],
     prefetch: int | None = None,
     drain_timeout: float | None = None,
+    output_threshold: int | None = None,
 ) -> AgentConfig:
     """Merge command-line values over a config file's and validate the result.
 
@@ -272,4 +279,9 @@ def build_config(
         broker_url=broker_url(file_values.get("broker_url")),
         prefetch=_number("prefetch", window, integer=True, minimum=0),
         drain_timeout=float(_number("drain_timeout", drain, integer=False, minimum=0)),
+        object_store=os.environ.get(OBJECT_STORE_ENV) or file_values.get("object_store"),
+        output_threshold=_number(
+            "output_threshold", output_threshold or op_section.get(
+                "output_threshold", DEFAULT_OUTPUT_THRESHOLD),
+            integer=True, minimum=1),
     )

@@ -13,6 +13,7 @@ import signal
 import sys
 from collections import deque
 from types import FrameType
+from typing import Any
 
 import pika
 from pika.adapters import select_connection
@@ -83,7 +84,8 @@ class Agent:
         if definition.mode == "service":
             self.runner = ServiceRunner(definition, self, self.label)
         else:
-            self.runner = PerMessageRunner(definition, config.concurrency, self, self.label)
+            self.runner = PerMessageRunner(definition, config.concurrency, self, self.label,
+                                           config.object_store, config.output_threshold)
 
     # -- run ----------------------------------------------------------------
 
@@ -223,13 +225,15 @@ class Agent:
 
     # -- runner outcomes (Outcomes protocol) ----------------------------------
 
-    def emit(self, delivery: Delivery, body: bytes) -> None:
+    def emit(self, delivery: Delivery, body: bytes,
+             headers: dict[str, Any] | None = None) -> None:
         if delivery.epoch != self.epoch or not self.session.is_open:
             return
         if not body:
             self.acker.acked(delivery.tag)
             return
-        props = hdr.output_properties(self.config.output, self.source, delivery.parent)
+        props = hdr.output_properties(self.config.output, self.source, delivery.parent,
+                                      headers)
         seq = self.session.publish(self.output_exchange, body, props)
         self._confirms.append((seq, delivery))
 

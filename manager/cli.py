@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
@@ -20,7 +21,7 @@ import pika
 from streamboss.agent import headers as hdr
 from streamboss.agent import objects
 from streamboss.agent.cli import agent_command, run_cli
-from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL
+from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL, OBJECT_STORE_ENV
 
 from .client import Client, ClientError
 from .model import ScalingPolicy
@@ -28,7 +29,6 @@ from .paths import state_dir
 from .server import DEFAULT_HOST, DEFAULT_PORT, ServerConfig, ServerError, serve
 from .streams_io import StreamError, check_stream, consume, publish
 
-OBJECT_STORE_ENV = "STREAMBOSS_OBJECT_STORE"
 OUTPUT = click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]),
                       default="table", show_default=True, help="Human table or JSON.")
 
@@ -310,13 +310,33 @@ def publish_(stream: str, messages: tuple[str, ...]) -> None:
 @click.option("--raw", is_flag=True, help="Write bodies as raw bytes, nothing added.")
 @click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Body text per line, or a JSON object per line.")
+@click.option("--fetch", "fetch_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write referenced objects into this directory (digest checked) and print "
+                   "their paths instead of the references.")
 def consume_(stream: str, count: int | None, timeout: float | None, raw: bool,
-             fmt: str) -> None:
+             fmt: str, fetch_dir: Path | None) -> None:
     """Print each message of STREAM as it arrives (Ctrl-C stops)."""
     out = sys.stdout.buffer
+    if fetch_dir is not None:
+        fetch_dir.mkdir(parents=True, exist_ok=True)
 
     def show(body: bytes, props: pika.BasicProperties) -> None:
-        if raw:
+        claim = hdr.object_reference(props) if fetch_dir is not None else None
+        if claim is not None and fetch_dir is not None:
+            url, sha256 = claim
+            name = f"{hdr.message_id(props) or uuid.uuid4().hex}-{Path(url).name}"
+            path = fetch_dir / name
+            digest = hashlib.sha256()
+            with path.open("wb") as target:
+                for chunk in objects.iter_chunks(url):
+                    digest.update(chunk)
+                    target.write(chunk)
+            if sha256 and digest.hexdigest() != sha256:
+                raise objects.ObjectStoreError(
+                    f"{url}: digest mismatch (got {digest.hexdigest()}, reference says "
+                    f"{sha256}); partial copy left at {path}", url)
+            out.write(str(path).encode() + b"\n")
+        elif raw:
             out.write(body)
         elif fmt == "json":
             headers = {k: (v.decode(errors="replace") if isinstance(v, bytes) else v)
@@ -332,7 +352,7 @@ def consume_(stream: str, count: int | None, timeout: float | None, raw: bool,
 
     try:
         consume(_broker_url(), stream, show, count=count, timeout=timeout)
-    except StreamError as exc:
+    except (StreamError, objects.ObjectStoreError) as exc:
         _fail(exc)
     except KeyboardInterrupt:
         return

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streamboss.agent.config import BROKER_URL_ENV
+from streamboss.agent.config import BROKER_URL_ENV, OBJECT_STORE_ENV
 
 from .client import TOKEN_ENV
 from .model import Definition, Operation
@@ -222,6 +222,8 @@ class LocalDispatcher:
         # An agent needs the broker, not the manager's API token.
         env.pop(TOKEN_ENV, None)
         env[BROKER_URL_ENV] = self.broker_url
+        # Large outputs go where `streamboss up` keeps objects, unless told otherwise.
+        env.setdefault(OBJECT_STORE_ENV, f"file://{self.dir.parent / 'objects'}")
         argv = [sys.executable, "-m", "streamboss.agent", "--operation", operation.name,
                 "--input", operation.input, "--output", operation.output,
                 "--definition", str(definition_file)]

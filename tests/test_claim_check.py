@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
+
+import httpx
 
 from .conftest import PYTHON
 
@@ -150,3 +153,52 @@ def test_stream_file_bad_input_publishes_nothing(broker, broker_url, streams,
     assert result.returncode == 2 and "credentials" in result.stderr, result.stderr
     assert references.collect_until_quiet(quiet=1.0) == []
     assert not (tmp_path / "objects").exists() or not any((tmp_path / "objects").rglob("*.bin"))
+
+
+def test_a_large_output_becomes_a_reference_that_consume_fetch_restores(
+        broker, broker_url, streams, names, agent, script, tmp_path: Path) -> None:
+    source, sink = streams("in", "out")
+    operation = names("grow")
+    # Every input byte becomes 10,000 output bytes: far above the 1,000-byte threshold.
+    command = script("grow", """
+        import sys
+        data = sys.stdin.buffer.read()
+        sys.stdout.buffer.write(bytes(b ^ 0x5A for b in data) * 10_000)
+    """)
+    objects_dir = tmp_path / "objects"
+    agent(operation, source, sink, "--exec", command, "--output-threshold", "1000",
+          env={"STREAMBOSS_OBJECT_STORE": f"file://{objects_dir}"})
+    fetched = tmp_path / "fetched"
+    consumer = subprocess.Popen(
+        [PYTHON, "-m", "streamboss.manager", "consume", sink, "--count", "2", "--timeout",
+         "60", "--fetch", str(fetched)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "STREAMBOSS_BROKER_URL": broker_url})
+    wait_for_queue_bound(sink, consumer)
+    out = broker.capture(sink)
+    small = bytes(range(256))
+    broker.publish(source, [small, b"x"])
+    stdout, stderr = consumer.communicate(timeout=90)
+    assert consumer.returncode == 0, stderr
+    paths = [Path(line) for line in stdout.splitlines()]
+    assert len(paths) == 2 and all(p.parent == fetched for p in paths)
+    restored = sorted(p.read_bytes() for p in paths)
+    expected = sorted([bytes(b ^ 0x5A for b in small) * 10_000,
+                       bytes(b ^ 0x5A for b in b"x") * 10_000])
+    assert restored == expected
+    claims = out.collect(2)
+    assert all(m.header("sb-object-url").startswith(f"file://{objects_dir}/") for m in claims)
+    assert all(len(m.body) < 1000 for m in claims)
+
+
+def wait_for_queue_bound(stream: str, consumer: subprocess.Popen) -> None:
+    """Wait until `consume` has bound its server-named queue to ``stream``."""
+    deadline = time.monotonic() + 30
+    exchange = f"sb.stream.{stream}"
+    while time.monotonic() < deadline:
+        assert consumer.poll() is None, consumer.stderr.read() if consumer.stderr else ""
+        bindings = httpx.get(f"http://127.0.0.1:15672/api/exchanges/%2F/{exchange}/bindings/"
+                             "source", auth=("guest", "guest"), timeout=5).json()
+        if sum(1 for b in bindings if b["destination"].startswith("amq.gen")) >= 1:
+            return
+        time.sleep(0.1)
+    raise AssertionError("consume did not bind its queue")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from pika.adapters.select_connection import IOLoop
 
@@ -14,8 +14,10 @@ class Outcomes(Protocol):
 
     ioloop: IOLoop
 
-    def emit(self, delivery: Delivery, body: bytes) -> None:
-        """The program turned ``delivery`` into ``body`` (empty: no output)."""
+    def emit(self, delivery: Delivery, body: bytes,
+             headers: dict[str, Any] | None = None) -> None:
+        """The program turned ``delivery`` into ``body`` (empty: no output); ``headers``
+        are added to the output's own (an object reference's, say)."""
 
     def dead_letter(self, delivery: Delivery, reason: str, exit_code: int | None,
                     stderr: str) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
+import io
 import logging
 import subprocess
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
@@ -21,7 +23,13 @@ from typing import IO
 from .. import objects
 from ..config import ProcessDefinition
 from ..delivery import Delivery
-from ..headers import object_reference
+from ..headers import (
+    OBJECT_CONTENT_TYPE,
+    OBJECT_SHA256,
+    OBJECT_SIZE,
+    OBJECT_URL,
+    object_reference,
+)
 from ..process import StderrTail, child_env, exit_reason, kill_group, spawn
 from . import Outcomes
 
@@ -153,7 +161,10 @@ class PerMessageRunner:
     """Runs up to ``concurrency`` children at once."""
 
     def __init__(self, definition: ProcessDefinition, concurrency: int, outcomes: Outcomes,
-                 label: str) -> None:
+                 label: str, object_store: str | None = None,
+                 output_threshold: int | None = None) -> None:
+        self.object_store = object_store.rstrip("/") if object_store else None
+        self.output_threshold = output_threshold
         self.definition = definition
         self.outcomes = outcomes
         self.label = label
@@ -208,7 +219,7 @@ class PerMessageRunner:
                                  stderr.text())
                     return
             if result.returncode == 0 and not result.timed_out:
-                self._report(self.outcomes.emit, delivery, result.stdout)
+                self._emit(delivery, result.stdout)
                 return
             if result.timed_out:
                 reason = f"timed out after {definition.timeout:g}s"
@@ -223,6 +234,25 @@ class PerMessageRunner:
             if self._stopped.wait(delay):
                 return
             delay = min(delay * 2, RETRY_DELAY_MAX)
+
+    def _emit(self, delivery: Delivery, output: bytes) -> None:
+        """Publish ``output``, or store it and publish a reference when it is too large
+        for a message (the broker refuses bodies over its frame limit)."""
+        threshold = self.output_threshold
+        if self.object_store is None or threshold is None or len(output) <= threshold:
+            self._report(self.outcomes.emit, delivery, output)
+            return
+        url = f"{self.object_store}/{self.label}/{uuid.uuid4().hex}"
+        try:
+            info = objects.put(url, io.BytesIO(output), "application/octet-stream")
+        except objects.ObjectStoreError as exc:
+            log.error("%s: cannot store a %d-byte output (%s); requeueing its input",
+                      self.label, len(output), exc)
+            self._report(self.outcomes.requeue, delivery)
+            return
+        self._report(self.outcomes.emit, delivery, info.url.encode(), {
+            OBJECT_URL: info.url, OBJECT_SIZE: info.size, OBJECT_SHA256: info.sha256,
+            OBJECT_CONTENT_TYPE: info.content_type})
 
     def _report(self, callback: object, *args: object) -> None:
         self.outcomes.ioloop.add_callback_threadsafe(lambda: callback(*args))  # type: ignore[operator]
