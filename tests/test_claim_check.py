@@ -202,3 +202,17 @@ def wait_for_queue_bound(stream: str, consumer: subprocess.Popen) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("consume did not bind its queue")
+
+
+def test_a_program_that_reads_only_the_start_still_gets_a_verified_object(
+        broker, streams, names, agent, tmp_path: Path) -> None:
+    source, sink = streams("in", "out")
+    operation = names("head")
+    agent(operation, source, sink, "--exec", "head -c 4")
+    out = broker.capture(sink)
+    stored = tmp_path / "big.bin"
+    digest = write_random(stored, 8 * 1024 * 1024)  # far more than a pipe holds
+    url = f"file://{stored}"
+    broker.publish(source, [url.encode()], headers=reference(url, digest, 8 * 1024 * 1024))
+    [message] = out.collect(1)
+    assert message.body == stored.read_bytes()[:4]

@@ -107,14 +107,19 @@ class ObjectFeed:
         self.error: str | None = None
 
     def pump(self, stdin: IO[bytes]) -> None:
+        piping = True
         try:
             for chunk in objects.iter_chunks(self.url, FEED_CHUNK):
                 self.sha256.update(chunk)
-                stdin.write(chunk)
+                if piping:
+                    try:
+                        stdin.write(chunk)
+                    except OSError:
+                        # The child stopped reading (`head`, `file -`): fine, but the
+                        # object is still verified to the end.
+                        piping = False
         except objects.ObjectStoreError as exc:
             self.error = str(exc)
-        except (BrokenPipeError, OSError):
-            pass  # the child stopped reading; its exit status says why
         finally:
             with contextlib.suppress(OSError):
                 stdin.close()
