@@ -19,7 +19,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from streamboss.agent.config import redact
+from streamboss.agent.broker import explain_close
 from streamboss.agent.naming import (
     OPERATION_PREFIX,
     dead_stream,
@@ -107,9 +107,7 @@ class Broker:
                 params.client_properties = {"connection_name": "streamboss-manager"}
                 self._connection = pika.BlockingConnection(params)
             except pika.exceptions.AMQPError as exc:
-                raise BrokerUnavailable(
-                    f"cannot reach the broker at {redact(self.url)} ({exc.__class__.__name__}): "
-                    "start RabbitMQ or set STREAMBOSS_BROKER_URL") from None
+                raise BrokerUnavailable(explain_close(exc, self.url, opening=True)) from None
         self._channel = self._connection.channel()
         return self._channel
 

@@ -25,7 +25,7 @@ from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL, OBJECT_S
 
 from .client import Client, ClientError
 from .model import ScalingPolicy
-from .paths import state_dir
+from .paths import objects_dir, state_dir
 from .server import DEFAULT_HOST, DEFAULT_PORT, ServerConfig, ServerError, serve
 from .streams_io import StreamError, check_stream, consume, publish
 
@@ -375,7 +375,7 @@ class _ProgressReader(io.RawIOBase):
 
 
 def _default_store() -> str:
-    return os.environ.get(OBJECT_STORE_ENV) or f"file://{state_dir() / 'objects'}"
+    return os.environ.get(OBJECT_STORE_ENV) or f"file://{objects_dir(state_dir())}"
 
 
 @cli.command("stream-file")

@@ -24,6 +24,7 @@ from streamboss.agent.config import BROKER_URL_ENV, OBJECT_STORE_ENV
 
 from .client import TOKEN_ENV
 from .model import Definition, Operation
+from .paths import objects_dir
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class LocalDispatcher:
         env.pop(TOKEN_ENV, None)
         env[BROKER_URL_ENV] = self.broker_url
         # Large outputs go where `streamboss up` keeps objects, unless told otherwise.
-        env.setdefault(OBJECT_STORE_ENV, f"file://{self.dir.parent / 'objects'}")
+        env.setdefault(OBJECT_STORE_ENV, f"file://{objects_dir(self.dir.parent)}")
         argv = [sys.executable, "-m", "streamboss.agent", "--operation", operation.name,
                 "--input", operation.input, "--output", operation.output,
                 "--definition", str(definition_file)]

@@ -30,3 +30,8 @@ def state_dir(explicit: str | Path | None = None) -> Path:
     if _in_checkout(here):
         return here / CHECKOUT_STATE
     return Path(platformdirs.user_state_dir("streamboss"))
+
+
+def objects_dir(state: Path) -> Path:
+    """Where the embedded default keeps objects (``file://`` store) under a state directory."""
+    return state / "objects"

@@ -21,6 +21,7 @@ from .api import Manager, create_app
 from .broker import Broker
 from .client import TOKEN_ENV
 from .dispatch_local import LocalDispatcher
+from .paths import objects_dir
 from .reconciler import Reconciler
 from .store import Store
 
@@ -125,7 +126,7 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
     app = create_app(manager)
     url = f"http://{config.host}:{config.port}"
     if banner:
-        objects = config.state_dir / "objects"
+        objects = objects_dir(config.state_dir)
         objects.mkdir(parents=True, exist_ok=True)
         print(f"streamboss is up\n"
               f"  manager API   {url}/v1   (OpenAPI: {url}/docs)\n"

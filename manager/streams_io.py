@@ -8,7 +8,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from streamboss.agent.config import redact
+from streamboss.agent.broker import explain_close
 from streamboss.agent.headers import output_properties
 from streamboss.agent.naming import stream_exchange
 
@@ -23,9 +23,7 @@ def _connect(url: str) -> pika.BlockingConnection:
     try:
         return pika.BlockingConnection(pika.URLParameters(url))
     except pika.exceptions.AMQPError as exc:
-        raise StreamError(f"cannot reach the broker at {redact(url)} "
-                          f"({exc.__class__.__name__}): start RabbitMQ or set "
-                          "STREAMBOSS_BROKER_URL") from None
+        raise StreamError(explain_close(exc, url, opening=True)) from None
 
 
 def _check_stream(channel: pika.adapters.blocking_connection.BlockingChannel,
