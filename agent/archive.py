@@ -17,6 +17,7 @@ Each record is framed binary-safely as::
 
     uint32 big-endian  length of the header JSON
     bytes              UTF-8 JSON {"t": <timestamp float>, "h": {<headers>}}
+                       (plus "p": {<other basic properties>} when any are set)
     uint32 big-endian  length of the body
     bytes              the body, verbatim
 
@@ -86,11 +87,14 @@ class Record(NamedTuple):
         timestamp: epoch seconds (``sb-produced-at``, else arrival time).
         headers: the message headers, decoded as described in the module docs.
         body: the message body, verbatim.
+        properties: the other AMQP basic properties that were set
+            (``content_type``, ``message_id``, ...), by their pika names.
     """
 
     timestamp: float
     headers: dict[str, Any]
     body: bytes
+    properties: dict[str, Any] = {}  # noqa: RUF012 - NamedTuple defaults are never mutated
 
 
 class ArchiveError(Exception):
@@ -329,10 +333,10 @@ class SegmentWriter:
         if self._closed:
             raise ValueError("this segment writer is already finished or closed")
         timestamp = float(record.timestamp)
-        header = json.dumps(
-            {"t": timestamp, "h": encode_headers(record.headers)},
-            separators=(",", ":"), ensure_ascii=False,
-        ).encode("utf-8")
+        meta: dict[str, Any] = {"t": timestamp, "h": encode_headers(record.headers)}
+        if record.properties:
+            meta["p"] = encode_headers(record.properties)
+        header = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         body = bytes(record.body)
         if len(header) > MAX_HEADER_JSON or len(body) > _MAX_FRAME:
             raise ValueError("record too large for a segment frame")
@@ -521,9 +525,10 @@ def iter_records(url: str, *, endpoint_url: str | None = None) -> Iterator[Recor
                 meta = json.loads(header)
                 timestamp = float(meta["t"])
                 headers = decode_headers(meta["h"])
+                properties = decode_headers(meta.get("p") or {})
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise corrupt(f"unreadable record header ({exc})") from exc
-            yield Record(timestamp, headers, payload)
+            yield Record(timestamp, headers, payload, properties)
             position += 1
 
 
@@ -629,11 +634,13 @@ def select(
     until_ts: float | None = None,
     *,
     endpoint_url: str | None = None,
+    index: ArchiveIndex | None = None,
 ) -> Iterator[Record]:
     """The archived records of ``stream`` with ``from_ts <= t < until_ts``, in original order.
 
     The window and the index are checked when this is called, not at the first
-    record; the segments are then streamed one at a time.
+    record; the segments are then streamed one at a time. Pass ``index`` when it
+    is loaded already.
 
     Raises:
         ValueError: ``from_ts`` is after ``until_ts``.
@@ -644,7 +651,8 @@ def select(
         raise ValueError(
             f"empty time window: --from is after --until ({from_ts} > {until_ts})"
         )
-    index = ArchiveIndex.load(prefix, stream, endpoint_url=endpoint_url)
+    if index is None:
+        index = ArchiveIndex.load(prefix, stream, endpoint_url=endpoint_url)
     if not index.segments:
         raise NoArchiveError(
             f"stream {stream!r} has no archive under {prefix} (no segments in {index.url}); "

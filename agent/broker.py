@@ -41,6 +41,11 @@ class Topology:
     declared: tuple[str, ...]
     queue: str
     bind_to: str
+    # A queue someone else owns (an archive's subscription) is only checked, never
+    # declared or bound: its owner may have unbound it on purpose.
+    own_queue: bool = True
+    # One consumer at a time (an archive's index has a single writer).
+    exclusive: bool = False
 
 
 class BrokerError(Exception):
@@ -104,8 +109,10 @@ class BrokerSession:
         on_confirm: OnConfirm,
         on_lost: Callable[[str, bool], None],
         on_cancelled: Callable[[], None],
+        connection_name: str = "streamboss-agent",
     ) -> None:
         self.url = url
+        self.connection_name = connection_name
         self.ioloop = ioloop
         self.topology = topology
         self.prefetch = prefetch
@@ -130,10 +137,11 @@ class BrokerSession:
         self.publish_seq = 0
         self._fatal = None
         self._closing = False
+        self._checking_queue = False
         params = pika.URLParameters(self.url)
         # Long transforms must not look like a dead peer; heartbeats run on the loop.
         params.heartbeat = 30
-        params.client_properties = {"connection_name": "streamboss-agent"}
+        params.client_properties = {"connection_name": self.connection_name}
         self.connection = pika.SelectConnection(
             parameters=params,
             on_open_callback=self._on_connection_open,
@@ -190,12 +198,16 @@ class BrokerSession:
             stream = exchange.removeprefix("sb.stream.")
             self._fatal = (f"{what} {stream!r} does not exist (no exchange {exchange} on the "
                            f"broker): create it first, e.g. `streamboss create-stream {stream}`")
+        elif code == 404 and self._checking_queue:
+            self._fatal = (f"queue {self.topology.queue} does not exist on the broker: the "
+                           "manager declares it")
         elif code in (403, 406):
             self._fatal = f"the broker refused the agent's topology: {reason}"
 
     # -- topology -----------------------------------------------------------
 
     _pending_check: tuple[str, str] | None = None
+    _checking_queue = False
 
     def _check_required(self, remaining: list[tuple[str, str]]) -> None:
         assert self.channel is not None
@@ -218,6 +230,11 @@ class BrokerSession:
                 callback=lambda _frame: self._declare(remaining[1:]),
             )
             return
+        if not self.topology.own_queue:
+            self._checking_queue = True
+            self.channel.queue_declare(self.topology.queue, passive=True,
+                                       callback=self._on_bound)
+            return
         self.channel.queue_declare(self.topology.queue, durable=True, callback=self._on_queue)
 
     def _on_queue(self, _frame: pika.frame.Method) -> None:
@@ -227,6 +244,7 @@ class BrokerSession:
 
     def _on_bound(self, _frame: pika.frame.Method) -> None:
         assert self.channel is not None
+        self._checking_queue = False
         self.channel.confirm_delivery(ack_nack_callback=self._on_delivery_confirmation,
                                       callback=self._on_confirm_mode)
 
@@ -236,7 +254,8 @@ class BrokerSession:
 
     def _on_qos(self, _frame: pika.frame.Method) -> None:
         assert self.channel is not None
-        self.consumer_tag = self.channel.basic_consume(self.topology.queue, self._deliver)
+        self.consumer_tag = self.channel.basic_consume(self.topology.queue, self._deliver,
+                                                       exclusive=self.topology.exclusive)
         self._on_ready()
 
     # -- data ---------------------------------------------------------------

@@ -35,6 +35,8 @@ OBJECT_URL = "sb-object-url"
 OBJECT_SIZE = "sb-object-size"
 OBJECT_SHA256 = "sb-object-sha256"
 OBJECT_CONTENT_TYPE = "sb-object-content-type"
+# Set on a replayed message: the stream whose archive it came from.
+REPLAYED_FROM = "sb-replayed-from"
 
 PERSISTENT = 2
 

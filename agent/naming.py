@@ -8,6 +8,9 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 STREAM_PREFIX = "sb.stream."
 OPERATION_PREFIX = "sb.op."
 DEAD_SUFFIX = ".dead"
+# Named durable subscriptions: they keep messages for a consumer that is away
+# (an archive), so the manager counts them as demand.
+SUBSCRIPTION_PREFIX = "sb.sub."
 
 
 class InvalidName(ValueError):
@@ -41,3 +44,8 @@ def operation_queue(operation: str) -> str:
 def dead_stream(operation: str) -> str:
     """The stream that receives messages ``operation`` gave up on."""
     return operation + DEAD_SUFFIX
+
+
+def archive_queue(stream: str) -> str:
+    """The durable subscription that an archive of ``stream`` drains."""
+    return f"{SUBSCRIPTION_PREFIX}archive.{stream}"

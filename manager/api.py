@@ -19,8 +19,12 @@ from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
+from streamboss.agent import objects
+from streamboss.agent.archive import ArchiveError, ArchiveIndex
+
 from .broker import Broker, BrokerUnavailable
 from .graph import render_graph
+from .model import Archive
 from .reconciler import Reconciler
 from .store import Store, StoreError
 
@@ -37,11 +41,20 @@ class OperationIn(BaseModel):
     policy: dict[str, Any] = Field(default_factory=dict)
 
 
+class ArchiveIn(BaseModel):
+    stream: str
+    store: str | None = Field(default=None, description="URL prefix; default the manager's")
+    segment_bytes: int | None = None
+    segment_seconds: float | None = None
+
+
 class Manager:
     """What the API works on: the store, a broker handle for topology, the reconciler."""
 
     def __init__(self, store: Store, broker: Broker, reconciler: Reconciler | None,
-                 token: str | None, dispatcher_name: str = "local") -> None:
+                 token: str | None, dispatcher_name: str = "local",
+                 archive_store: str = "") -> None:
+        self.archive_store = archive_store
         self.store = store
         self.broker = broker
         self.reconciler = reconciler
@@ -177,6 +190,53 @@ def create_app(manager: Manager) -> FastAPI:
         manager.changed()
         return {"deleted": name}
 
+    # -- archives ----------------------------------------------------------------
+
+    def archive_view(archive: Archive) -> dict[str, Any]:
+        view = archive.to_dict()
+        state = manager.reconciler.archive_status.get(archive.stream) \
+            if manager.reconciler else None
+        view["running"] = state.running if state else 0
+        view["backlog"] = state.backlog if state else None
+        return view
+
+    @app.get("/v1/archives", dependencies=v1)
+    def list_archives() -> list[dict[str, Any]]:
+        return [archive_view(a) for a in manager.store.archives()]
+
+    @app.get("/v1/archives/{stream}", dependencies=v1)
+    def get_archive(stream: str) -> dict[str, Any]:
+        archive = manager.store.get_archive(stream)
+        if archive is None:
+            raise StoreError(f"stream {stream!r} has never been archived: start with "
+                             f"`streamboss archive-stream {stream}`", 404)
+        return archive_view(archive)
+
+    @app.post("/v1/archives", dependencies=v1, status_code=201)
+    def start_archive(body: ArchiveIn) -> dict[str, Any]:
+        def prepare(archive: Archive) -> None:
+            # The store is checked before anything is written: a bad URL, a missing
+            # bucket or refused credentials is the caller's to fix now, not an
+            # archiver's to retry forever.
+            try:
+                ArchiveIndex.load(archive.store, archive.stream)
+            except (ArchiveError, objects.ObjectStoreError) as exc:
+                raise StoreError(f"archive store {archive.store}: {exc}") from None
+            manager.on_broker(lambda b: b.ensure_archive(archive.stream))
+
+        store = (body.store or manager.archive_store).rstrip("/")
+        archive, started = manager.store.start_archive(
+            body.stream, store, body.segment_bytes, body.segment_seconds,
+            before_commit=prepare)
+        manager.changed()
+        return {**archive_view(archive), "started": started}
+
+    @app.delete("/v1/archives/{stream}", dependencies=v1)
+    def stop_archive(stream: str) -> dict[str, Any]:
+        archive = manager.store.stop_archive(stream)
+        manager.changed()
+        return archive_view(archive)
+
     # -- observation -------------------------------------------------------------
 
     @app.get("/v1/status", dependencies=v1)
@@ -188,6 +248,8 @@ def create_app(manager: Manager) -> FastAPI:
             "reconciler_error": reconciler.last_error if reconciler else None,
             "demand_observed": reconciler.management if reconciler else False,
             "operations": operations,
+            "archives": [s.to_dict() for s in reconciler.archive_status.values()]
+            if reconciler else [],
         }
 
     @app.get("/v1/graph", dependencies=v1, response_class=PlainTextResponse)

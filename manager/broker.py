@@ -22,6 +22,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from streamboss.agent.broker import explain_close
 from streamboss.agent.naming import (
     OPERATION_PREFIX,
+    archive_queue,
     dead_stream,
     operation_queue,
     stream_exchange,
@@ -32,9 +33,6 @@ log = logging.getLogger(__name__)
 MANAGEMENT_PORT = 15672
 # A hung management API must not stall the reconciler's pass for long.
 MANAGEMENT_TIMEOUT = 3.0
-# Named durable subscriptions (archives, `consume --durable`) count as demand
-# even while their consumer is away: they exist to keep messages for someone.
-SUBSCRIPTION_PREFIX = "sb.sub."
 
 
 class BrokerUnavailable(RuntimeError):
@@ -145,6 +143,33 @@ class Broker:
                 raise
             return
         channel.exchange_delete(stream_exchange(dead_stream(name)))
+
+    def ensure_archive(self, stream: str) -> None:
+        """The archive's durable subscription, bound to every message of ``stream``."""
+        channel = self.channel()
+        channel.queue_declare(archive_queue(stream), durable=True)
+        channel.queue_bind(archive_queue(stream), stream_exchange(stream), "#")
+
+    def unbind_archive(self, stream: str) -> None:
+        """Stop new messages reaching the archive; what it holds can still be drained."""
+        channel = self.channel()
+        try:
+            channel.queue_unbind(archive_queue(stream), stream_exchange(stream), "#")
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._channel = None
+            if exc.reply_code != 404:  # the queue or the stream is gone already
+                raise
+
+    def delete_archive(self, stream: str) -> bool:
+        """Delete the archive's subscription if it is empty; return whether it was."""
+        try:
+            self.channel().queue_delete(archive_queue(stream), if_empty=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._channel = None
+            if exc.reply_code != 406:  # 406: a message came back (an archiver died)
+                raise
+            return False
+        return True
 
     # -- observation -----------------------------------------------------------
 

@@ -26,6 +26,10 @@ from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL, OBJECT_S
 from .client import Client, ClientError
 from .model import ScalingPolicy
 from .paths import objects_dir, state_dir
+from .publisher import ConfirmedPublisher, PublishError
+from .replay import ReplayError, parse_time, to_message
+from .replay import check_window as check_replay_window
+from .replay import select as select_records
 from .server import DEFAULT_HOST, DEFAULT_PORT, ServerConfig, ServerError, serve
 from .streams_io import StreamError, check_stream, consume, publish
 
@@ -50,7 +54,8 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         return
     cells = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))
+               .rstrip())
     for row in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
@@ -219,11 +224,11 @@ def delete_operation(name: str) -> None:
 
 @cli.command("list")
 @click.argument("what", required=False,
-                type=click.Choice(["streams", "definitions", "operations"]))
+                type=click.Choice(["streams", "definitions", "operations", "archives"]))
 @OUTPUT
 def list_(what: str | None, fmt: str) -> None:
-    """List streams, process definitions and operations."""
-    kinds = [what] if what else ["streams", "definitions", "operations"]
+    """List streams, process definitions, operations and archives."""
+    kinds = [what] if what else ["streams", "definitions", "operations", "archives"]
     data: dict[str, Any] = {}
     for kind in kinds:
         data[kind] = _call("GET", f"/v1/{kind}")
@@ -234,6 +239,7 @@ def list_(what: str | None, fmt: str) -> None:
         "streams": ["name", "created_at"],
         "definitions": ["id", "name", "version", "exec", "mode"],
         "operations": ["name", "definition_id", "input", "output", "min", "max"],
+        "archives": ["stream", "state", "store", "running", "backlog"],
     }
     for kind in kinds:
         rows = data[kind]
@@ -242,6 +248,9 @@ def list_(what: str | None, fmt: str) -> None:
                      "mode": r["definition"].get("mode", "per-message")} for r in rows]
         if kind == "operations":
             rows = [{**r, "min": r["policy"]["min"], "max": r["policy"]["max"]} for r in rows]
+        if kind == "archives":
+            rows = [{**r, "state": "active" if r["active"] else f"stopped {r['stopped_at']}",
+                     "backlog": "-" if r["backlog"] is None else r["backlog"]} for r in rows]
         if len(kinds) > 1:
             click.echo(f"{kind}:")
         _table(rows, columns[kind])
@@ -269,6 +278,13 @@ def status(fmt: str) -> None:
              "out": rate(r["rate_out"])} for r in result["operations"]]
     _table(rows, ["name", "input", "output", "wanted", "agents", "draining", "backlog",
                   "in", "out", "dead_lettered"])
+    if result.get("archives"):
+        click.echo()
+        _table([{**a, "archiver": f"{a['running']}/{1 if a['active'] else 0}",
+                 "state": "active" if a["active"] else "stopping" if a["backlog"] is not None
+                 else "stopped", "backlog": "-" if a["backlog"] is None else a["backlog"]}
+                for a in result["archives"]],
+               ["stream", "state", "archiver", "backlog", "restarts", "store"])
 
 
 @cli.command()
@@ -415,6 +431,90 @@ def stream_file(stream: str, file: Path, store: str | None) -> None:
         source.close()
     click.echo(f"published a reference to {info.url} ({info.size} bytes, sha256 "
                f"{info.sha256}) on {stream}", err=True)
+
+
+# -- archives -------------------------------------------------------------------------
+
+
+@cli.command("archive-stream")
+@click.argument("stream")
+@click.option("--store", metavar="URL",
+              help="Archive prefix: file:///DIR or s3://BUCKET[/PREFIX] (default: the "
+                   "manager's, file://<state>/archive or STREAMBOSS_ARCHIVE_STORE).")
+@click.option("--segment-mb", type=click.FloatRange(min=0.004),
+              help="Roll a segment at this many MiB of messages [64].")
+@click.option("--segment-seconds", type=click.FloatRange(min=0.001),
+              help="Roll a segment this long after its first message [60].")
+@OUTPUT
+def archive_stream(stream: str, store: str | None, segment_mb: float | None,
+                   segment_seconds: float | None, fmt: str) -> None:
+    """Archive every message of STREAM into compressed segments in object storage.
+
+    The archive is a durable subscription: messages published while its
+    archiver is away wait for it. It also counts as a subscriber, so the
+    operations that feed STREAM keep running.
+    """
+    body: dict[str, Any] = {"stream": stream, "store": store,
+                            "segment_seconds": segment_seconds}
+    if segment_mb is not None:
+        body["segment_bytes"] = int(segment_mb * 1024 * 1024)
+    result = _call("POST", "/v1/archives", json=body)
+    if fmt == "json":
+        _emit(result, fmt)
+    else:
+        click.echo(f"archiving {stream} into {result['store']}"
+                   + ("" if result["started"] else " (already)"))
+
+
+@cli.command("stop-archive")
+@click.argument("stream")
+def stop_archive(stream: str) -> None:
+    """Stop archiving STREAM; what its subscription holds is still stored, and the
+    archive stays replayable."""
+    result = _call("DELETE", f"/v1/archives/{stream}")
+    click.echo(f"stopped archiving {stream}; its archive stays in {result['store']}")
+
+
+@cli.command("replay")
+@click.argument("stream")
+@click.option("--from", "from_", metavar="TIME", help="First time to replay (RFC 3339).")
+@click.option("--until", metavar="TIME", help="Replay records before this time (RFC 3339).")
+@click.option("--to", "target", metavar="STREAM", help="Publish onto this stream instead.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True),
+              help="Messages per second at most [as fast as the broker confirms].")
+@click.option("--store", metavar="URL",
+              help="Where the archive lives [the store the manager archived it to].")
+def replay(stream: str, from_: str | None, until: str | None, target: str | None,
+           rate: float | None, store: str | None) -> None:
+    """Publish STREAM's archived messages, in their original order and with their
+    original ids, back onto STREAM (or --to another stream)."""
+    try:
+        from_ts = parse_time(from_, "--from") if from_ else None
+        until_ts = parse_time(until, "--until") if until else None
+        check_replay_window(from_ts, until_ts)
+    except ReplayError as exc:
+        _fail(exc)
+    if store is None:
+        try:
+            store = Client().request("GET", f"/v1/archives/{stream}")["store"]
+        except ClientError as exc:
+            _fail(ClientError(f"{exc} (or pass --store URL)"))
+    assert store is not None
+    destination = target or stream
+    try:
+        selection = select_records(store, stream, from_ts, until_ts)
+        check_stream(_broker_url(), destination)
+        with click.progressbar(length=selection.estimate, label=f"replaying {stream}",
+                               file=sys.stderr, show_pos=True) as bar:
+            publisher = ConfirmedPublisher(_broker_url(), destination, rate=rate,
+                                           on_progress=bar.update)
+            count = publisher.run(to_message(r, stream) for r in selection.records)
+    except (ReplayError, StreamError) as exc:
+        _fail(exc)
+    except PublishError as exc:
+        _fail(PublishError(f"{exc} ({publisher.confirmed} message(s) were replayed before)"))
+    click.echo(f"replayed {count} message(s) from the archive of {stream} onto "
+               f"{destination}", err=True)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The ``local`` dispatcher: stream agents as child processes of the manager.
+"""The ``local`` dispatcher: stream agents and archivers as child processes of the manager.
 
 Each agent gets its operation from a definition file in the state directory
 and the broker URL through its environment (never argv). Scale-in sends
@@ -17,13 +17,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamboss.agent.config import BROKER_URL_ENV, OBJECT_STORE_ENV
 
 from .client import TOKEN_ENV
-from .model import Definition, Operation
+from .model import Archive, Definition, Operation
 from .paths import objects_dir
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,16 @@ RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 60.0
 # How long the manager waits for agents of a previous run to drain on start-up.
 ADOPT_DRAIN_TIMEOUT = 40.0
+# Pools of archivers are named so no operation name can collide ('@' is not
+# allowed in names); the name also prefixes their pid and log files.
+ARCHIVER_PREFIX = "archive@"
+# What a process of ours has in its command line (pids are reused).
+OUR_MODULES = (b"streamboss.agent", b"streamboss.manager.archiver")
+
+
+def archiver_pool(stream: str) -> str:
+    """The pool (and pid/log file) name of ``stream``'s archiver."""
+    return ARCHIVER_PREFIX + stream
 
 
 @dataclass
@@ -75,13 +86,13 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _is_agent(pid: int) -> bool:
-    """Whether ``pid`` is still a streamboss agent (pids are reused)."""
+def _is_ours(pid: int) -> bool:
+    """Whether ``pid`` is still a streamboss agent or archiver (pids are reused)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"streamboss.agent" in cmdline
+    return any(module in cmdline for module in OUR_MODULES)
 
 
 class LocalDispatcher:
@@ -116,7 +127,7 @@ class LocalDispatcher:
             except (OSError, ValueError):
                 pid_file.unlink(missing_ok=True)
                 continue
-            if _alive(pid) and _is_agent(pid):
+            if _alive(pid) and _is_ours(pid):
                 os.kill(pid, signal.SIGTERM)
                 found.append(pid)
             else:
@@ -146,19 +157,36 @@ class LocalDispatcher:
 
     def scale(self, operation: Operation, definition: Definition, count: int) -> None:
         """Bring ``operation`` to ``count`` running agents (draining ones not counted)."""
+        def argv() -> list[str]:
+            definition_file = self._write_definition(operation, definition)
+            return ["-m", "streamboss.agent", "--operation", operation.name,
+                    "--input", operation.input, "--output", operation.output,
+                    "--definition", str(definition_file)]
+
+        self._resize(operation.name, count, argv)
+
+    def run_archiver(self, archive: Archive, run: bool) -> None:
+        """Keep one archiver for ``archive`` running, or drain and stop it."""
+        def argv() -> list[str]:
+            return ["-m", "streamboss.manager.archiver", "--stream", archive.stream,
+                    "--store", archive.store, "--segment-bytes", str(archive.segment_bytes),
+                    "--segment-seconds", repr(archive.segment_seconds)]
+
+        self._resize(archiver_pool(archive.stream), 1 if run else 0, argv)
+
+    def _resize(self, name: str, count: int, argv: Callable[[], list[str]]) -> None:
         self.reap()
-        pool = self.pools.setdefault(operation.name, Pool())
+        pool = self.pools.setdefault(name, Pool())
         while pool.running > count:
             # Newest first: the oldest agents have the warmest caches and connections.
             victim = next(a for a in reversed(pool.agents) if not a.draining)
             victim.draining = True
-            log.info("%s: scaling in; agent %d drains and exits", operation.name,
-                     victim.process.pid)
+            log.info("%s: scaling in; process %d drains and exits", name, victim.process.pid)
             victim.process.send_signal(signal.SIGTERM)
         if pool.running < count and time.monotonic() >= pool.not_before:
-            definition_file = self._write_definition(operation, definition)
+            args = argv()
             while pool.running < count:
-                pool.agents.append(self._spawn(operation, definition_file))
+                pool.agents.append(self._spawn(name, args))
 
     def stop_all(self, timeout: float = 40.0) -> None:
         """SIGTERM every agent and wait for them to drain (the manager is stopping)."""
@@ -217,7 +245,7 @@ class LocalDispatcher:
         path.write_text(json.dumps({"definition": definition.body}, indent=2))
         return path
 
-    def _spawn(self, operation: Operation, definition_file: Path) -> AgentProcess:
+    def _spawn(self, name: str, args: list[str]) -> AgentProcess:
         self._sequence += 1
         env = dict(os.environ)
         # An agent needs the broker, not the manager's API token.
@@ -225,15 +253,12 @@ class LocalDispatcher:
         env[BROKER_URL_ENV] = self.broker_url
         # Large outputs go where `streamboss up` keeps objects, unless told otherwise.
         env.setdefault(OBJECT_STORE_ENV, f"file://{objects_dir(self.dir.parent)}")
-        argv = [sys.executable, "-m", "streamboss.agent", "--operation", operation.name,
-                "--input", operation.input, "--output", operation.output,
-                "--definition", str(definition_file)]
-        log_file = self.log_dir / f"{operation.name}.log"
+        log_file = self.log_dir / f"{name}.log"
         with log_file.open("ab") as log_handle:
-            process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                       stdout=log_handle, stderr=log_handle,
-                                       start_new_session=True)
-        pid_file = self.dir / f"{operation.name}.{process.pid}.pid"
+            process = subprocess.Popen([sys.executable, *args], env=env,
+                                       stdin=subprocess.DEVNULL, stdout=log_handle,
+                                       stderr=log_handle, start_new_session=True)
+        pid_file = self.dir / f"{name}.{process.pid}.pid"
         pid_file.write_text(f"{process.pid}\n")
-        log.info("%s: started agent %d", operation.name, process.pid)
+        log.info("%s: started process %d", name, process.pid)
         return AgentProcess(process, pid_file)

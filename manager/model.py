@@ -1,4 +1,4 @@
-"""The declarations the manager keeps: streams, process definitions, operations."""
+"""The declarations the manager keeps: streams, process definitions, operations, archives."""
 
 from __future__ import annotations
 
@@ -66,3 +66,28 @@ class Operation:
         return {"name": self.name, "definition_id": self.definition_id, "input": self.input,
                 "output": self.output, "policy": self.policy.to_dict(),
                 "created_at": self.created_at}
+
+
+# A segment is rolled at whichever comes first. 64 MiB keeps object counts low
+# and uploads efficient; a minute bounds what a replay can miss of the recent past.
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+DEFAULT_SEGMENT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A stream's archive: where its segments go and how they are rolled.
+
+    A stopped archive keeps its row, so its segments can still be replayed.
+    """
+
+    stream: str
+    store: str
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    segment_seconds: float = DEFAULT_SEGMENT_SECONDS
+    active: bool = True
+    created_at: str = ""
+    stopped_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -35,3 +35,8 @@ def state_dir(explicit: str | Path | None = None) -> Path:
 def objects_dir(state: Path) -> Path:
     """Where the embedded default keeps objects (``file://`` store) under a state directory."""
     return state / "objects"
+
+
+def archives_dir(state: Path) -> Path:
+    """Where the embedded default keeps stream archives (``file://`` store)."""
+    return state / "archive"

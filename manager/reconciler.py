@@ -15,10 +15,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from streamboss.agent.naming import operation_queue
+from streamboss.agent.naming import SUBSCRIPTION_PREFIX, archive_queue, operation_queue
 
-from .broker import SUBSCRIPTION_PREFIX, Broker, BrokerUnavailable, Subscriber
-from .model import Definition, Operation
+from .broker import Broker, BrokerUnavailable, Subscriber
+from .dispatch_local import archiver_pool
+from .model import Archive, Definition, Operation
 from .scaling import ScaleState, decide
 from .store import Store
 
@@ -33,6 +34,7 @@ DEAD_QUEUE_PREFIX = "sb.dead."
 
 class Dispatcher(Protocol):
     def scale(self, operation: Operation, definition: Definition, count: int) -> None: ...
+    def run_archiver(self, archive: Archive, run: bool) -> None: ...
     def status(self, operation: str) -> dict[str, int]: ...
     def forget(self, operation: str) -> None: ...
     def reap(self) -> None: ...
@@ -52,6 +54,21 @@ class OperationStatus:
     dead_lettered: int
     rate_in: float | None
     rate_out: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ArchiveStatus:
+    stream: str
+    store: str
+    active: bool
+    running: int
+    restarts: int
+    # Messages waiting in the archive's subscription (not yet in a segment);
+    # None once a stopped archive's subscription is gone.
+    backlog: int | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +117,7 @@ class Reconciler:
         self.interval = interval
         self.states: dict[str, ScaleState] = {}
         self.status: dict[str, OperationStatus] = {}
+        self.archive_status: dict[str, ArchiveStatus] = {}
         self.last_error: str | None = None
         self.management = True
         self._topology_at = float("-inf")
@@ -180,6 +198,30 @@ class Reconciler:
                 self._retiring.add(gone)
             self._retire(names)
             self.status = status
+            self.archive_status = {a.stream: self._run_archive(a)
+                                   for a in self.store.archives()}
+
+    def _run_archive(self, archive: Archive) -> ArchiveStatus:
+        """An active archive has one archiver. A stopped one is unbound, drained of
+        what it already holds, and then its subscription is deleted."""
+        queue = self.broker.queue_state(archive_queue(archive.stream))
+        pool = archiver_pool(archive.stream)
+        if archive.active:
+            self.dispatcher.run_archiver(archive, True)
+        elif queue is None:
+            self.dispatcher.run_archiver(archive, False)
+        else:
+            self.broker.unbind_archive(archive.stream)
+            # Waiting messages keep (or bring back) an archiver until they are stored;
+            # SIGTERM makes it store the open segment before it exits.
+            self.dispatcher.run_archiver(archive, queue.messages > 0)
+            agents = self.dispatcher.status(pool)
+            if (queue.messages == 0 and queue.consumers == 0 and agents["running"] == 0
+                    and agents["draining"] == 0 and self.broker.delete_archive(archive.stream)):
+                queue = None
+        agents = self.dispatcher.status(pool)
+        return ArchiveStatus(archive.stream, archive.store, archive.active, agents["running"],
+                             agents["restarts"], None if queue is None else queue.messages)
 
     def _retire(self, declared: set[str]) -> None:
         """Delete a deleted operation's queue once its agents are gone: an agent
@@ -199,6 +241,9 @@ class Reconciler:
         for op in operations:
             self.broker.ensure_operation(op.name, op.input)
             self.broker.ensure_dead_queue(op.name, dead_queue(op.name))
+        for archive in self.store.archives():
+            if archive.active:
+                self.broker.ensure_archive(archive.stream)
 
     def _observe(self, operations: list[Operation]) -> dict[str, list[Subscriber]]:
         outputs = {op.output for op in operations}

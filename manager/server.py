@@ -21,7 +21,7 @@ from .api import Manager, create_app
 from .broker import Broker
 from .client import TOKEN_ENV
 from .dispatch_local import LocalDispatcher
-from .paths import objects_dir
+from .paths import archives_dir, objects_dir
 from .reconciler import Reconciler
 from .store import Store
 
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8181
+# Where `archive-stream` puts segments unless told otherwise.
+ARCHIVE_STORE_ENV = "STREAMBOSS_ARCHIVE_STORE"
 
 
 class ServerError(RuntimeError):
@@ -122,7 +124,9 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
     if replaced:
         log.info("stopped %d agent(s) left by a previous manager", replaced)
     reconciler = Reconciler(store, Broker(config.broker_url), dispatcher)
-    manager = Manager(store, Broker(config.broker_url), reconciler, token, config.dispatcher)
+    archive_store = os.environ.get(ARCHIVE_STORE_ENV) or f"file://{archives_dir(config.state_dir)}"
+    manager = Manager(store, Broker(config.broker_url), reconciler, token, config.dispatcher,
+                      archive_store)
     app = create_app(manager)
     url = f"http://{config.host}:{config.port}"
     if banner:
@@ -133,6 +137,7 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
               f"  broker        {redact(config.broker_url)}\n"
               f"  state         {config.state_dir}\n"
               f"  objects       file://{objects}\n"
+              f"  archives      {archive_store}\n"
               f"  agent logs    {config.state_dir / 'logs'}\n"
               f"In another shell: export STREAMBOSS_URL={url}; streamboss --help\n"
               f"Ctrl-C stops the manager and every agent it started.", flush=True)

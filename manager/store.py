@@ -18,7 +18,18 @@ from typing import Any
 from streamboss.agent.config import ConfigError, parse_definition
 from streamboss.agent.naming import InvalidName, check_name
 
-from .model import Definition, Operation, ScalingPolicy, Stream
+from .model import (
+    DEFAULT_SEGMENT_BYTES,
+    DEFAULT_SEGMENT_SECONDS,
+    Archive,
+    Definition,
+    Operation,
+    ScalingPolicy,
+    Stream,
+)
+
+# A segment smaller than this would make an object per handful of messages.
+MIN_SEGMENT_BYTES = 4096
 
 DB_NAME = "streamboss.db"
 
@@ -42,6 +53,17 @@ CREATE TABLE IF NOT EXISTS operations (
     output TEXT NOT NULL REFERENCES streams(name),
     policy TEXT NOT NULL,
     created_at TEXT NOT NULL
+);
+-- No foreign key to streams: a stopped archive outlives its stream, and can
+-- still be replayed onto another one.
+CREATE TABLE IF NOT EXISTS archives (
+    stream TEXT PRIMARY KEY,
+    store TEXT NOT NULL,
+    segment_bytes INTEGER NOT NULL,
+    segment_seconds REAL NOT NULL,
+    active INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    stopped_at TEXT
 );
 """
 
@@ -155,7 +177,8 @@ class Store:
 
     def delete_stream(self, name: str, force: bool = False,
                       before_commit: Callable[[], None] | None = None) -> list[str]:
-        """Delete a stream; with ``force`` also the operations that use it.
+        """Delete a stream; with ``force`` also the operations that use it and stop its
+        archive (the archive's segments stay replayable).
 
         ``before_commit`` runs inside the transaction once the deletion is allowed;
         if it raises, nothing is deleted.
@@ -175,6 +198,14 @@ class Store:
                 raise StoreError(
                     f"stream {name!r} is used by operation(s) {', '.join(users)}: delete them "
                     "first or pass --force to delete them with it", 409)
+            archived = db.execute("SELECT 1 FROM archives WHERE stream = ? AND active = 1",
+                                  (name,)).fetchone()
+            if archived and not force:
+                raise StoreError(
+                    f"stream {name!r} is being archived: `streamboss stop-archive {name}` "
+                    "first or pass --force", 409)
+            db.execute("UPDATE archives SET active = 0, stopped_at = ? "
+                       "WHERE stream = ? AND active = 1", (_now(), name))
             db.execute("DELETE FROM operations WHERE input = ? OR output = ?", (name, name))
             db.execute("DELETE FROM streams WHERE name = ?", (name,))
             if before_commit is not None:
@@ -323,6 +354,82 @@ class Store:
         with self._write() as db:
             if db.execute("DELETE FROM operations WHERE name = ?", (name,)).rowcount == 0:
                 raise StoreError(f"operation {name!r} does not exist", 404)
+
+    # -- archives --------------------------------------------------------------
+
+    @staticmethod
+    def _archive(row: sqlite3.Row) -> Archive:
+        return Archive(row["stream"], row["store"], row["segment_bytes"],
+                       row["segment_seconds"], bool(row["active"]), row["created_at"],
+                       row["stopped_at"])
+
+    def start_archive(self, stream: str, store: str, segment_bytes: int | None = None,
+                      segment_seconds: float | None = None,
+                      before_commit: Callable[[Archive], None] | None = None,
+                      ) -> tuple[Archive, bool]:
+        """Archive ``stream`` into ``store`` (a URL prefix); restart a stopped archive.
+
+        Idempotent for an active archive with the same store. ``before_commit``
+        gets the archive to be written and runs inside the transaction: if it
+        raises (the store or the broker is unusable), nothing is written.
+
+        Returns:
+            the archive and whether it was (re)started by this call.
+        Raises:
+            StoreError: unknown stream (404), already archived elsewhere (409),
+                bad segment limits.
+        """
+        _name("stream", stream)
+        size = DEFAULT_SEGMENT_BYTES if segment_bytes is None else segment_bytes
+        age = DEFAULT_SEGMENT_SECONDS if segment_seconds is None else segment_seconds
+        if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SEGMENT_BYTES:
+            raise StoreError(f"segment size must be a whole number of at least "
+                             f"{MIN_SEGMENT_BYTES} bytes, got {size!r}")
+        if isinstance(age, bool) or not isinstance(age, int | float) or age <= 0:
+            raise StoreError(f"segment age must be a positive number of seconds, got {age!r}")
+        with self._write() as db:
+            if not db.execute("SELECT 1 FROM streams WHERE name = ?", (stream,)).fetchone():
+                raise StoreError(f"stream {stream!r} does not exist: create it with "
+                                 f"`streamboss create-stream {stream}`", 404)
+            row = db.execute("SELECT * FROM archives WHERE stream = ?", (stream,)).fetchone()
+            current = self._archive(row) if row else None
+            if current is not None and current.active:
+                if current.store.rstrip("/") != store.rstrip("/"):
+                    raise StoreError(
+                        f"stream {stream!r} is already archived to {current.store}: "
+                        f"`streamboss stop-archive {stream}` first to archive elsewhere", 409)
+                return current, False
+            archive = Archive(stream, store, size, float(age), True,
+                              current.created_at if current else _now(), None)
+            db.execute(
+                "INSERT OR REPLACE INTO archives (stream, store, segment_bytes, "
+                "segment_seconds, active, created_at, stopped_at) VALUES (?, ?, ?, ?, 1, ?, NULL)",
+                (stream, store, size, float(age), archive.created_at))
+            if before_commit is not None:
+                before_commit(archive)
+        return archive, True
+
+    def stop_archive(self, stream: str) -> Archive:
+        """Stop archiving ``stream``; its segments stay where they are.
+
+        Raises:
+            StoreError: the stream is not being archived (404).
+        """
+        with self._write() as db:
+            if db.execute("UPDATE archives SET active = 0, stopped_at = ? "
+                          "WHERE stream = ? AND active = 1", (_now(), stream)).rowcount == 0:
+                raise StoreError(f"stream {stream!r} is not being archived", 404)
+        archive = self.get_archive(stream)
+        assert archive is not None
+        return archive
+
+    def get_archive(self, stream: str) -> Archive | None:
+        row = self._db.execute("SELECT * FROM archives WHERE stream = ?", (stream,)).fetchone()
+        return self._archive(row) if row else None
+
+    def archives(self) -> list[Archive]:
+        rows = self._db.execute("SELECT * FROM archives ORDER BY stream").fetchall()
+        return [self._archive(r) for r in rows]
 
 
 def find_cycle(edges: list[tuple[str, str, str]], new: tuple[str, str, str]) -> str | None:
