@@ -506,6 +506,25 @@ def pids_with_argument(argument: str) -> set[int]:
     return found
 
 
+def archiver_stream(pid: int) -> str | None:
+    """The ``--stream`` of archiver ``pid``, or None when it is not an archiver (any more)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if "streamboss.manager.archiver" not in argv or "--stream" not in argv:
+        return None
+    position = argv.index("--stream") + 1
+    return argv[position] if position < len(argv) else None
+
+
+def archiver_pids(stream: str) -> set[int]:
+    """Live archiver processes of ``stream``."""
+    return {pid for pid in pids_with_argument("streamboss.manager.archiver")
+            if archiver_stream(pid) == stream}
+
+
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail saying ``what`` after
     ``timeout`` seconds."""
@@ -531,6 +550,8 @@ class ManagerProcess:
         self.log_path = log_path
         self.token = token
         self.url = f"http://127.0.0.1:{port}"
+        # Extra environment for the manager (and so for its agents and archivers).
+        self.extra_env: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -542,6 +563,7 @@ class ManagerProcess:
         env["STREAMBOSS_URL"] = self.url
         if self.token:
             env["STREAMBOSS_TOKEN"] = self.token
+        env.update(self.extra_env)
         env.update(extra)
         return env
 
@@ -696,6 +718,8 @@ class ManagerPool:
         with contextlib.suppress(Exception):
             for stream in manager.api("GET", "/v1/streams").json():
                 self._names.add(stream["name"])
+            for archive in manager.api("GET", "/v1/archives").json():
+                self._names.add(archive["stream"])
             for op in manager.api("GET", "/v1/operations").json():
                 self._names.update((op["name"], op["input"], op["output"]))
 
@@ -708,10 +732,13 @@ class ManagerPool:
                 if manager.running():
                     manager.kill9()
             manager.close()
-        # Agents of a manager that was killed, or did not drain them: kill them and
-        # whatever they started.
+        # Agents (and archivers) of a manager that was killed, or did not drain them:
+        # kill them and whatever they started.
         for manager in self.managers:
-            for pid in pids_with_argument(str(manager.state_dir / "agents") + os.sep):
+            pids = pids_with_argument(str(manager.state_dir / "agents") + os.sep)
+            pids |= {pid for pid in pids_with_argument("streamboss.manager.archiver")
+                     if archiver_stream(pid) in self._names}
+            for pid in pids:
                 for victim in [pid, *descendants(pid)]:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(victim, signal.SIGKILL)
@@ -723,6 +750,7 @@ class ManagerPool:
             channel = connection.channel()
             for name in sorted(self._names):
                 for kind, target in (("queue", op_queue(name)), ("queue", f"sb.dead.{name}"),
+                                     ("queue", f"sb.sub.archive.{name}"),
                                      ("exchange", stream_exchange(name)),
                                      ("exchange", stream_exchange(f"{name}.dead"))):
                     try:
@@ -840,3 +868,45 @@ def follow(broker_url: str) -> Iterator[Any]:
     finally:
         for follower in started:
             follower.leave()
+
+
+# -- object storage ------------------------------------------------------------
+
+MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@dataclass
+class MotoServer:
+    """A moto S3 server on loopback, for subprocesses (agents, archivers, the CLI)."""
+
+    endpoint: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**MOTO_ENV, "STREAMBOSS_S3_ENDPOINT_URL": self.endpoint}
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def bucket(self, prefix: str = "bucket") -> str:
+        """A new, empty bucket."""
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield MotoServer(f"http://127.0.0.1:{port}")
+    finally:
+        server.stop()
