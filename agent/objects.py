@@ -110,22 +110,34 @@ def _parse(url: str) -> _FileTarget | _S3Target:
 # ---------------------------------------------------------------- S3 plumbing
 
 
-def _s3_client(endpoint_url: str | None) -> Any:
+def _s3_client(endpoint_url: str | None, url: str) -> Any:
+    """An S3 client; unreadable AWS configuration is reported against ``url``."""
     import boto3
+    from botocore.exceptions import BotoCoreError
 
     endpoint = endpoint_url or os.environ.get(ENDPOINT_ENV) or None
-    return boto3.client("s3", endpoint_url=endpoint)
+    try:
+        return boto3.client("s3", endpoint_url=endpoint)
+    except BotoCoreError as exc:
+        raise _s3_error(exc, url, "") from None
 
 
 def _s3_error(exc: Exception, url: str, bucket: str) -> ObjectStoreError:
     """Translate a botocore failure into one line that names the URL, never credentials."""
     from botocore.exceptions import (
         ClientError,
+        ConfigParseError,
         EndpointConnectionError,
         NoCredentialsError,
         PartialCredentialsError,
+        ProfileNotFound,
     )
 
+    if isinstance(exc, ConfigParseError | ProfileNotFound):
+        return ObjectStoreError(
+            f"{url}: cannot read the AWS credentials or config ({exc}); fix the file, or "
+            "set AWS_PROFILE / AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY", url
+        )
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return ObjectStoreError(
             f"{url}: no usable S3 credentials; set AWS_ACCESS_KEY_ID and "
@@ -304,7 +316,7 @@ def _put_s3(
         multipart_threshold=part, multipart_chunksize=part, max_concurrency=4,
         use_threads=True,
     )
-    client = _s3_client(endpoint_url)
+    client = _s3_client(endpoint_url, url)
     reader = _HashingReader(source)
     staging = f"{target.key}.partial-{uuid.uuid4().hex}"
     extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
@@ -356,7 +368,7 @@ def open_read(url: str, *, endpoint_url: str | None = None) -> BinaryIO:
             raise ObjectStoreError(f"{url}: no such object", url) from exc
         except OSError as exc:
             raise ObjectStoreError(f"{url}: cannot read: {exc.strerror or exc}", url) from exc
-    client = _s3_client(endpoint_url)
+    client = _s3_client(endpoint_url, url)
     try:
         response = client.get_object(Bucket=target.bucket, Key=target.key)
     except _botocore_errors() as exc:
@@ -420,7 +432,7 @@ def stat(url: str, *, endpoint_url: str | None = None) -> ObjectInfo | None:
         return ObjectInfo(url, size, digest.hexdigest(), mimetypes.guess_type(target.path)[0])
     from botocore.exceptions import ClientError
 
-    client = _s3_client(endpoint_url)
+    client = _s3_client(endpoint_url, url)
     try:
         head = client.head_object(Bucket=target.bucket, Key=target.key)
     except ClientError as exc:
@@ -463,7 +475,7 @@ def delete(url: str, *, endpoint_url: str | None = None) -> None:
         except OSError as exc:
             raise ObjectStoreError(f"{url}: cannot delete: {exc.strerror or exc}", url) from exc
         return
-    client = _s3_client(endpoint_url)
+    client = _s3_client(endpoint_url, url)
     try:
         client.delete_object(Bucket=target.bucket, Key=target.key)
     except _botocore_errors() as exc:

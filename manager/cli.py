@@ -418,6 +418,8 @@ def stream_file(stream: str, file: Path, store: str | None) -> None:
         target = f"{(store or _default_store()).rstrip('/')}/{stream}/{uuid.uuid4().hex}/" \
                  f"{file.name}"
         content_type = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+        # A missing bucket or unusable credentials are reported before the progress bar.
+        objects.stat(target)
         with click.progressbar(length=size, label=f"uploading {file.name}", file=sys.stderr,
                                show_pos=True) as bar:
             info = objects.put(target, io.BufferedReader(_ProgressReader(source, bar)),

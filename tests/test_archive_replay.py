@@ -117,16 +117,17 @@ def test_archiving_10000_messages_and_replaying_a_window_gives_exactly_that_wind
     assert first.properties.delivery_mode == 2
 
 
-def test_replay_without_a_target_goes_back_onto_the_archived_stream(
+def test_the_seed_shims_archive_a_stream_and_play_it_back_onto_itself(
         manager: ManagerProcess, broker: Broker, names) -> None:
     stream = names("events")
     manager.ok("create-stream", stream)
-    manager.ok("archive-stream", stream, "--segment-seconds", "0.5")
+    shim = manager.tool("archive_stream.py", stream, "--segment-seconds", "0.5")
+    assert shim.returncode == 0, shim.stderr
     publish_numbered(broker, stream, range(20), "self")
     wait_until(lambda: archived_count(manager, stream) == 20, ARCHIVE_TIMEOUT, "20 archived")
     manager.ok("stop-archive", stream)  # or the replay would be archived again
     out = broker.capture(stream)
-    result = manager.cli("replay", stream, "--rate", "200")
+    result = manager.tool("stream_archive.py", stream, "--rate", "200")
     assert result.returncode == 0, result.stderr
     got = out.collect(20)
     assert [m.header("sb-id") for m in got] == [f"self-{n}" for n in range(20)]

@@ -1,0 +1,139 @@
+"""S3 through a moto server on loopback, used by real subprocesses: the CLI uploads, the
+manager's agents stream referenced objects into their programs, its archivers write
+segments, and replay reads them back. Real RabbitMQ throughout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from .conftest import Broker, ManagerPool, ManagerProcess, MotoServer, wait_until
+from .test_archive_replay import BASE, STEP, one_line_error, publish_numbered, rfc3339
+
+# Over one 8 MiB part, so the upload is multipart; small enough for moto's memory.
+FILE_SIZE = 20 * 1000 * 1000
+ARCHIVE_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def manager(module_managers: ManagerPool, moto_server: MotoServer) -> ManagerProcess:
+    manager = module_managers.new()
+    manager.extra_env = moto_server.env
+    return manager.start()
+
+
+@pytest.fixture
+def names(module_managers: ManagerPool):
+    return module_managers.name
+
+
+def random_file(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        remaining = size
+        while remaining:
+            chunk = os.urandom(min(remaining, 1 << 20))
+            digest.update(chunk)
+            out.write(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def test_stream_file_to_s3_into_a_managed_sha256sum_operation(
+        manager: ManagerProcess, moto_server: MotoServer, broker: Broker, names,
+        tmp_path: Path) -> None:
+    source, sink, operation = names("files"), names("digests"), names("sha")
+    bucket = moto_server.bucket("objects")
+    definition = tmp_path / "sha.json"
+    definition.write_text(json.dumps({"definition": {"name": operation,
+                                                     "exec": "sha256sum"}}))
+    manager.ok("create-stream", source)
+    manager.ok("define-process", str(definition))
+    manager.ok("create-operation", operation, operation, source, sink)
+    out = broker.capture(sink)  # a subscriber: the manager starts the operation's agent
+    big = tmp_path / "big.bin"
+    expected = random_file(big, FILE_SIZE)
+    # The seed's shim, with its argument order: STREAMNAME BUCKET FILENAME.
+    result = manager.tool("stream_file.py", source, bucket, str(big))
+    assert result.returncode == 0, result.stderr
+    [digest] = out.collect(1)
+    assert digest.body.split()[0].decode() == expected
+    keys = [o["Key"] for o in moto_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert len(keys) == 1 and keys[0].startswith(f"{source}/") and keys[0].endswith("big.bin")
+
+
+def test_archive_to_s3_and_replay_a_window_from_it(
+        manager: ManagerProcess, moto_server: MotoServer, broker: Broker, names) -> None:
+    stream, target = names("ticks"), names("ticks-replayed")
+    bucket = moto_server.bucket("archive")
+    store = f"s3://{bucket}/streams"
+    manager.ok("create-stream", stream)
+    manager.ok("create-stream", target)
+    manager.ok("archive-stream", stream, "--store", store, "--segment-seconds", "0.5")
+    publish_numbered(broker, stream, range(1000), "s3")
+
+    def archived() -> int:
+        listing = moto_server.client().list_objects_v2(Bucket=bucket,
+                                                       Prefix=f"streams/{stream}/")
+        keys = [o["Key"] for o in listing.get("Contents", [])]
+        if f"streams/{stream}/index.jsonl" not in keys:
+            return 0
+        index = moto_server.client().get_object(
+            Bucket=bucket, Key=f"streams/{stream}/index.jsonl")["Body"].read()
+        return sum(json.loads(line)["count"] for line in index.splitlines())
+
+    wait_until(lambda: archived() == 1000, ARCHIVE_TIMEOUT, "1,000 messages archived to S3")
+    out = broker.capture(target)
+    result = manager.cli("replay", stream, "--from", rfc3339(BASE + 100 * STEP),
+                         "--until", rfc3339(BASE + 300 * STEP), "--to", target)
+    assert result.returncode == 0, result.stderr
+    got = out.collect(200)
+    assert [m.header("sb-id") for m in got] == [f"s3-{n}" for n in range(100, 300)]
+    assert out.collect_until_quiet(quiet=1.0) == []
+
+
+def test_stream_file_to_an_unknown_bucket_publishes_nothing(
+        manager: ManagerProcess, broker: Broker, names, tmp_path: Path) -> None:
+    stream = names("nobucket")
+    manager.ok("create-stream", stream)
+    out = broker.capture(stream)
+    small = tmp_path / "small.txt"
+    small.write_text("hello\n")
+    line = one_line_error(manager.cli("stream-file", stream, str(small), "--store",
+                                      "s3://no-such-bucket-here"))
+    assert "bucket 'no-such-bucket-here' does not exist" in line
+    assert out.collect_until_quiet(quiet=1.0) == []
+
+
+def test_unreadable_credentials_are_one_line_and_publish_nothing(
+        manager: ManagerProcess, broker: Broker, moto_server: MotoServer, names,
+        tmp_path: Path) -> None:
+    stream = names("badcreds")
+    manager.ok("create-stream", stream)
+    out = broker.capture(stream)
+    broken = tmp_path / "credentials"
+    broken.write_text("[default]\nthis is not an ini file\n")
+    small = tmp_path / "small.txt"
+    small.write_text("hello\n")
+    bucket = moto_server.bucket("creds")
+    # No keys in the environment, so boto3 reads the (broken) shared credentials file.
+    result = manager.cli("stream-file", stream, str(small), "--store", f"s3://{bucket}",
+                         env={"AWS_SHARED_CREDENTIALS_FILE": str(broken),
+                              "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""})
+    line = one_line_error(result)
+    assert "cannot read the AWS credentials or config" in line
+    assert out.collect_until_quiet(quiet=1.0) == []
+
+
+def test_archive_stream_to_an_unknown_bucket_is_refused(manager: ManagerProcess,
+                                                         names) -> None:
+    stream = names("nobucket-archive")
+    manager.ok("create-stream", stream)
+    line = one_line_error(manager.cli("archive-stream", stream, "--store",
+                                      "s3://no-such-archive-bucket"))
+    assert "bucket 'no-such-archive-bucket' does not exist" in line
+    assert not any(a["stream"] == stream for a in manager.declarations()["archives"])
