@@ -216,8 +216,8 @@ def test_s3_multipart(s3, monkeypatch):
     calls: list[str] = []
     make_client = objects._s3_client
 
-    def counting_client(endpoint_url):
-        client = make_client(endpoint_url)
+    def counting_client(endpoint_url, url):
+        client = make_client(endpoint_url, url)
         client.meta.events.register(
             "before-call.s3", lambda model, **_: calls.append(model.name)
         )
@@ -274,8 +274,9 @@ def test_s3_bad_url():
 
 def test_s3_endpoint_from_env(s3, monkeypatch):
     monkeypatch.setenv(objects.ENDPOINT_ENV, "http://127.0.0.1:9")
-    assert objects._s3_client(None).meta.endpoint_url == "http://127.0.0.1:9"
-    assert objects._s3_client("http://other:1").meta.endpoint_url == "http://other:1"
+    assert objects._s3_client(None, "s3://b/k").meta.endpoint_url == "http://127.0.0.1:9"
+    assert objects._s3_client("http://other:1", "s3://b/k").meta.endpoint_url == \
+        "http://other:1"
 
 
 def test_s3_no_credentials(monkeypatch, tmp_path):

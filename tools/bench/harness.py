@@ -73,7 +73,7 @@ import pika.channel
 import pika.exceptions
 from pika.spec import Basic
 
-from tools.bench import managed, report
+from tools.bench import managed, report, storage
 from tools.bench.probe import Admin, CpuMark, CpuMeter, Names, find_broker_pid
 from tools.bench.relays import DEFAULT_URL, parameters, parse_stamped
 
@@ -515,10 +515,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", metavar="KEYS",
                         help="comma-separated subset of row keys (plain, plain-hdr, naive, "
                              "spawn, svc-cat, svc-tr, pm, pm-cN; with a manager: demand, "
-                             "demand-chain, scale, scale-wait); ratios need their reference rows")
+                             "demand-chain, scale, scale-wait; storage: objects, rss, archive, "
+                             "replay); ratios need their reference rows")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency runs")
     parser.add_argument("--no-manager", action="store_true",
                         help="skip the rows that start a manager (demand*, scale*)")
+    parser.add_argument("--no-storage", action="store_true",
+                        help="skip the object-storage, archive and replay rows")
     parser.add_argument("--demand-repeats", type=int, default=None,
                         help="demand-reaction samples per row (default 5; --quick 2)")
     parser.add_argument("--scale-rounds", type=int, default=None,
@@ -534,14 +537,16 @@ def main(argv: list[str] | None = None) -> int:
     url = os.environ.get("STREAMBOSS_BROKER_URL") or DEFAULT_URL
     all_rows = rows()
     manager_keys = set() if args.no_manager else set(managed.KEYS)
+    storage_keys = set() if args.no_storage else set(storage.KEYS)
     if args.rows:
         wanted = {key.strip() for key in args.rows.split(",")}
-        unknown = wanted - {row.key for row in all_rows} - set(managed.KEYS)
+        unknown = wanted - {row.key for row in all_rows} - set(managed.KEYS) - set(storage.KEYS)
         if unknown:
             print(f"unknown row(s): {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
         all_rows = [row for row in all_rows if row.key in wanted]
         manager_keys &= wanted
+        storage_keys &= wanted
     demand_repeats = args.demand_repeats or (2 if args.quick else 5)
     scale_rounds = args.scale_rounds or 1
     by_key = {row.key: row for row in all_rows}
@@ -566,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     latency_runs: list[dict[str, Any]] = []
     demand: dict[str, Any] = {}
     scale: dict[str, Any] = {}
+    stored: dict[str, Any] = {}
     try:
         for round_no in range(1, rounds + 1 if all_rows else 1):
             progress(f"throughput, round {round_no} of {rounds}")
@@ -580,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
             demand = managed.demand(ctx, manager_keys, demand_repeats)
         if manager_keys & {"scale", "scale-wait"}:
             scale = managed.scale(ctx, manager_keys, scale_rounds)
+        if storage_keys:
+            stored = storage.storage(url, admin, storage_keys, args.quick, ctx.log_dir)
     except KeyboardInterrupt:
         progress("interrupted; reporting what was measured")
     finally:
@@ -598,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_runs": latency_runs,
         "demand": demand,
         "scale": scale,
+        "storage": stored,
         "failures": ctx.failures,
     }
     figures["ratios"], figures["targets"] = report.evaluate(figures)

@@ -28,6 +28,16 @@ TARGETS = [
     ("service_p99_vs_plain", "service-mode p99 latency at 500/s <= 2 x plain relay's", "<=", 2.0),
 ]
 
+# Storage targets: (figure path, description, comparison, threshold).
+STORAGE_TARGETS = [
+    (("objects", "ratio"), "stream-file round trip >= 0.8 x raw boto3 upload+download",
+     ">=", 0.8),
+    (("rss", "uploader_mb"), "stream-file peak RSS while streaming the large file < 100 MB",
+     "<", 100.0),
+    (("rss", "agent_mb"), "agent peak RSS while streaming the large object < 100 MB",
+     "<", 100.0),
+]
+
 
 def _rate(figures: dict[str, Any], key: str) -> float:
     row = figures["rows"].get(key)
@@ -111,6 +121,7 @@ def render(figures: dict[str, Any]) -> str:
         lines += _throughput(figures)
     lines += _demand(figures.get("demand") or {})
     lines += _scale(figures.get("scale") or {})
+    lines += _storage(figures.get("storage") or {})
     if figures["failures"]:
         lines += ["", "Problems:"] + [f"  {note}" for note in figures["failures"]]
     return "\n".join(lines)
@@ -269,3 +280,54 @@ def render_timeline(run: dict[str, Any]) -> str:
             detach = None
         parts.append(f"{t:.1f}s {running}" + (f"+{draining}d" if draining else ""))
     return ", ".join(parts).replace(", |", " |").replace("|, ", "| ")
+
+
+def _storage(section: dict[str, Any]) -> list[str]:
+    if not section:
+        return []
+    lines = ["", "Object storage, archive and replay (see tools/bench/storage.py for what is "
+             "timed):"]
+    objects = section.get("objects")
+    if objects:
+        if "error" in objects:
+            lines.append(f"  objects: FAILED: {objects['error']}")
+        else:
+            lines.append(
+                f"  round trip of {objects['size'] // 2**20} MiB on moto S3: streamboss "
+                f"{objects['ours_mb_s']:.0f} MiB/s, raw boto3 {objects['raw_mb_s']:.0f} MiB/s "
+                f"-> {objects['ratio']:.2f} x (median of {len(objects['ours_s'])})")
+    for entry in section.get("rss") or []:
+        if "error" in entry:
+            lines.append(f"  peak RSS ({entry['store']}): FAILED: {entry['error']}")
+            continue
+        lines.append(
+            f"  peak RSS streaming {entry['size'] // 2**20} MiB via {entry['store']}: "
+            f"stream-file {entry['uploader_mb']:.0f} MiB, agent (sha256sum) "
+            f"{entry['agent_mb']:.0f} MiB; upload {entry['upload_s']:.1f} s, digest out "
+            f"after {entry['end_to_end_s']:.1f} s")
+    archive = section.get("archive")
+    if archive:
+        if "error" in archive:
+            lines.append(f"  archive/replay: FAILED: {archive['error']}")
+        else:
+            lines.append(
+                f"  archive of {archive['n']:,} messages: ingest (plain publisher) "
+                f"{archive['ingest_rate']:,.0f} msg/s, archiver drains "
+                f"{archive['archive_rate']:,.0f} msg/s -> {archive['archive_vs_ingest']:.2f} x "
+                f"ingest; {archive['segments']} segment(s), compression "
+                f"{archive['compression']:.1f}:1")
+            if "replay_rate" in archive:
+                lines.append(
+                    f"  replay of {archive['n']:,}: {archive['replay_rate']:,.0f} msg/s, "
+                    f"plain publisher {archive['raw_publish_rate']:,.0f} msg/s -> "
+                    f"{archive['replay_vs_raw']:.2f} x (median of {len(archive['replay_s'])})")
+    for (part, key), text, comparison, threshold in STORAGE_TARGETS:
+        entries = section.get(part)
+        values = [e.get(key) for e in (entries if isinstance(entries, list) else [entries])
+                  if isinstance(e, dict) and e.get(key) is not None]
+        if not values:
+            continue
+        worst = min(values) if comparison == ">=" else max(values)
+        met = worst >= threshold if comparison == ">=" else worst < threshold
+        lines.append(f"  target: {text}: {worst:.2f} {'PASS' if met else 'MISS'}")
+    return lines
