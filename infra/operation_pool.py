@@ -1,0 +1,281 @@
+"""One agent pool per operation: launch template, autoscaling group, Phantom-style scaling.
+
+The manager publishes three metrics per operation (``infra/metrics.py``):
+``Wanted`` (1/0), ``Backlog`` and ``BacklogPerAgent``. The pool turns them into
+capacity the way the local dispatcher's ``manager/scaling.py`` does:
+
+- demand gates everything: the target-tracking policy follows
+  ``IF(Wanted >= 1, BacklogPerAgent, 0)``, so an unwanted operation never scales
+  out however long its backlog grows;
+- scale out: target tracking holds BacklogPerAgent at the operation's
+  ``target_backlog_per_agent`` (scale-in disabled: its own scale-in would drop
+  a wanted pool to zero on an empty queue);
+- wake from zero: target tracking cannot leave 0 (per-agent backlog means
+  nothing without agents), so an alarm on "wanted and desired capacity 0" adds
+  ``max(1, min)`` agents;
+- scale in while wanted: an alarm on "wanted, BacklogPerAgent below half the
+  target for the scale-in cooldown, more than one agent" removes one agent,
+  at most once per ``scale_in_cooldown``. Below half the target, one agent
+  fewer still stays at or under the target, so this never undoes a scale-out;
+- idle to zero: an alarm on ``Wanted < 1`` for ``idle_seconds`` sets the
+  capacity to 0 (the group's ``min`` still holds, as AWS clamps to it).
+
+Cooldowns map onto AWS as: ``scale_out_cooldown`` -> the target-tracking
+policy's estimated instance warm-up and the group's default instance warm-up;
+``scale_in_cooldown`` -> the scale-in and idle policies' cooldown, the scale-in
+alarm's look-back and the group's default cooldown.
+
+Missing metrics (a silent manager) change nothing: every alarm treats missing
+data as not breaching, so agents neither start nor stop on a gap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from . import metrics
+from .iam import instance_profile, policy_document, statement
+from .launch import LaunchTemplateArgs, secure_launch_template
+from .operations import OperationSpec
+from .storage import OPERATIONS_PREFIX, STREAMS_PREFIX
+from .user_data import agent_user_data
+
+# Below this fraction of the target, removing one agent keeps the rest at or
+# under the target (n agents at < T/2 each carry < T each as n-1 for n >= 2).
+SCALE_IN_FRACTION = 0.5
+# The wake alarm's gate (desired capacity) lags one metric period; a cooldown of
+# two periods keeps one wake-up from being counted twice.
+WAKE_COOLDOWN_SECONDS = 2 * metrics.PERIOD_SECONDS
+# The group's own capacity metrics the wake and scale-in alarms read.
+GROUP_METRICS = ("GroupDesiredCapacity", "GroupInServiceInstances")
+# A rolling instance refresh replaces agents when the template changes (a new
+# definition or image) while keeping half of them consuming.
+REFRESH_MIN_HEALTHY_PERCENT = 50
+
+
+def seconds(value: float) -> int:
+    """Whole seconds for AWS, rounded up so a cooldown is never shortened."""
+    return math.ceil(value)
+
+
+def periods(duration: float) -> int:
+    """Alarm evaluation periods covering ``duration`` seconds (at least one)."""
+    return max(1, math.ceil(duration / metrics.PERIOD_SECONDS))
+
+
+def object_prefixes(spec: OperationSpec, producers: Sequence[str]) -> list[str]:
+    """The objects-bucket prefixes an agent of ``spec`` may read, each ending in ``/``.
+
+    Its input's references come from ``stream-file`` uploads to its input
+    stream and from the operations that publish to that stream (``producers``);
+    its own prefix is read back when an upload is copied into place.
+    """
+    names = {f"{STREAMS_PREFIX}/{spec.input}/", f"{OPERATIONS_PREFIX}/{spec.name}/"}
+    names.update(f"{OPERATIONS_PREFIX}/{p}/" for p in producers)
+    return sorted(names)
+
+
+def agent_policy(spec: OperationSpec, producers: Sequence[str], secret_arn: str,
+                 objects_arn: str) -> str:
+    """The agent role's only policy: its broker secret and its object prefixes, nothing else."""
+    readable = object_prefixes(spec, producers)
+    own = f"{objects_arn}/{OPERATIONS_PREFIX}/{spec.name}/*"
+    return policy_document([
+        statement("ReadBrokerUrl", ["ssm:GetParameter"], [secret_arn]),
+        statement("ReadInputObjects", ["s3:GetObject"],
+                  [f"{objects_arn}/{prefix}*" for prefix in readable]),
+        statement("WriteOwnObjects",
+                  ["s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"], [own]),
+        # Lets S3 answer 404 rather than 403 for a missing object, on these prefixes only.
+        statement("ListInputPrefixes", ["s3:ListBucket"], [objects_arn],
+                  {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in readable]}}),
+    ])
+
+
+@dataclass
+class OperationPoolArgs:
+    """One operation's pool and what it connects to.
+
+    Attributes:
+        operation: the operation (from the ``operations`` config).
+        producers: operations whose output stream is this one's input.
+        subnet_ids: private subnets the agents run in.
+        security_group_id: the agents' shared security group.
+        image: the AMI (the operation's own, or the stream-agent image).
+        instance_type: the stack's agent instance type (the operation's own wins).
+        root_volume_gb: root volume size; None for the image's.
+        broker_secret_parameter_name / broker_secret_parameter_arn: the broker URL's parameter.
+        objects_bucket / objects_bucket_arn: the claim-check objects bucket.
+        region: the AWS region.
+        tags: tags for every resource.
+    """
+
+    operation: OperationSpec
+    producers: tuple[str, ...]
+    subnet_ids: pulumi.Input[list[str]]
+    security_group_id: pulumi.Input[str]
+    image: pulumi.Output[aws.ec2.GetAmiResult]
+    instance_type: str
+    root_volume_gb: int | None
+    broker_secret_parameter_name: pulumi.Input[str]
+    broker_secret_parameter_arn: pulumi.Input[str]
+    objects_bucket: pulumi.Input[str]
+    objects_bucket_arn: pulumi.Input[str]
+    region: pulumi.Input[str]
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class OperationPool(pulumi.ComponentResource):
+    """An autoscaling group of stream agents for one operation, and its scaling.
+
+    Outputs:
+        group_name: the autoscaling group's name.
+        launch_template_id: its launch template.
+    """
+
+    group_name: pulumi.Output[str]
+    launch_template_id: pulumi.Output[str]
+
+    def __init__(self, name: str, args: OperationPoolArgs,
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("streamboss:infra:OperationPool", name, None, opts)
+        spec = args.operation
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {**args.tags, "streamboss:operation": spec.name}
+        policy = pulumi.Output.all(args.broker_secret_parameter_arn, args.objects_bucket_arn).apply(
+            lambda arns: agent_policy(spec, args.producers, arns[0], arns[1]))
+        profile = instance_profile(name, policy, tags, self)
+        user_data = pulumi.Output.all(args.broker_secret_parameter_name, args.objects_bucket,
+                                      args.region).apply(
+            lambda values: agent_user_data(
+                operation=spec.name, input_stream=spec.input, output_stream=spec.output,
+                definition=spec.definition,
+                object_store=f"s3://{values[1]}/{OPERATIONS_PREFIX}",
+                broker_url_parameter=values[0], region=values[2]))
+        template = secure_launch_template(f"{name}-lt", LaunchTemplateArgs(
+            image=args.image, instance_type=spec.instance_type or args.instance_type,
+            instance_profile_arn=profile.arn, security_group_ids=[args.security_group_id],
+            user_data=user_data, root_volume_gb=args.root_volume_gb,
+            tags={**tags, "Name": name}), self)
+        group = aws.autoscaling.Group(
+            f"{name}-asg",
+            min_size=spec.min,
+            max_size=spec.max,
+            # No desired_capacity: the scaling policies own it, and `pulumi up`
+            # must not reset whatever they chose.
+            vpc_zone_identifiers=args.subnet_ids,
+            launch_template={"id": template.id, "version": template.latest_version.apply(str)},
+            default_cooldown=seconds(spec.scale_in_cooldown),
+            default_instance_warmup=seconds(spec.scale_out_cooldown),
+            enabled_metrics=list(GROUP_METRICS),
+            metrics_granularity="1Minute",
+            instance_refresh={"strategy": "Rolling",
+                              "preferences": {"min_healthy_percentage":
+                                              REFRESH_MIN_HEALTHY_PERCENT}},
+            # A pool at zero has nothing to wait for, and agents have no health endpoint.
+            wait_for_capacity_timeout="0",
+            tags=[{"key": key, "value": value, "propagate_at_launch": True}
+                  for key, value in sorted({**tags, "Name": name}.items())],
+            opts=child,
+        )
+        self._scaling(name, spec, group, child)
+        self.group_name = group.name
+        self.launch_template_id = template.id
+        self.register_outputs({"group_name": self.group_name,
+                               "launch_template_id": self.launch_template_id})
+
+    def _scaling(self, name: str, spec: OperationSpec, group: aws.autoscaling.Group,
+                 child: pulumi.ResourceOptions) -> None:
+        dims = metrics.dimensions(spec.name)
+        aws.autoscaling.Policy(
+            f"{name}-track",
+            autoscaling_group_name=group.name,
+            policy_type="TargetTrackingScaling",
+            estimated_instance_warmup=seconds(spec.scale_out_cooldown),
+            target_tracking_configuration={
+                "target_value": spec.target_backlog_per_agent,
+                "disable_scale_in": True,
+                "customized_metric_specification": {"metrics": [
+                    _tracked(metrics.WANTED, "Maximum", dims),
+                    _tracked(metrics.BACKLOG_PER_AGENT, "Average", dims),
+                    {"id": "gated", "expression": "IF(wanted >= 1, backlogperagent, 0)",
+                     "label": "BacklogPerAgent while wanted", "return_data": True},
+                ]},
+            },
+            opts=child,
+        )
+        floor = max(1, spec.min)
+        wake = aws.autoscaling.Policy(
+            f"{name}-wake", autoscaling_group_name=group.name, policy_type="SimpleScaling",
+            adjustment_type="ChangeInCapacity", scaling_adjustment=floor,
+            cooldown=WAKE_COOLDOWN_SECONDS, opts=child)
+        _math_alarm(f"{name}-wake-alarm", f"{spec.name}: wanted with no agents: start {floor}",
+                    "IF(wanted >= 1 AND desired < 1, 1, 0)", 1, dims, group, wake,
+                    child)
+        shrink = aws.autoscaling.Policy(
+            f"{name}-shrink", autoscaling_group_name=group.name, policy_type="SimpleScaling",
+            adjustment_type="ChangeInCapacity", scaling_adjustment=-1,
+            cooldown=seconds(spec.scale_in_cooldown), opts=child)
+        low = spec.target_backlog_per_agent * SCALE_IN_FRACTION
+        _math_alarm(f"{name}-shrink-alarm",
+                    f"{spec.name}: backlog per agent below {low:g}: one fewer",
+                    f"IF(wanted >= 1 AND backlogperagent < {low:g} AND desired > {floor}, 1, 0)",
+                    periods(spec.scale_in_cooldown), dims, group, shrink, child)
+        idle = aws.autoscaling.Policy(
+            f"{name}-idle", autoscaling_group_name=group.name, policy_type="SimpleScaling",
+            adjustment_type="ExactCapacity", scaling_adjustment=0,
+            cooldown=seconds(spec.scale_in_cooldown), opts=child)
+        idle_periods = periods(spec.idle_seconds)
+        aws.cloudwatch.MetricAlarm(
+            f"{name}-idle-alarm",
+            alarm_description=f"{spec.name}: unwanted for {spec.idle_seconds:g}s: scale to zero",
+            namespace=metrics.NAMESPACE, metric_name=metrics.WANTED, dimensions=dims,
+            statistic="Maximum", period=metrics.PERIOD_SECONDS,
+            comparison_operator="LessThanThreshold", threshold=1,
+            evaluation_periods=idle_periods, datapoints_to_alarm=idle_periods,
+            treat_missing_data="notBreaching", alarm_actions=[idle.arn], opts=child)
+
+
+def _tracked(metric: str, stat: str, dims: dict[str, str]) -> dict[str, Any]:
+    return {"id": metric.lower(), "return_data": False, "metric_stat": {
+        "stat": stat,
+        "metric": {"namespace": metrics.NAMESPACE, "metric_name": metric,
+                   "dimensions": [{"name": k, "value": v} for k, v in sorted(dims.items())]}}}
+
+
+def _math_alarm(name: str, description: str, expression: str, evaluation_periods: int,
+                dims: dict[str, str], group: aws.autoscaling.Group,
+                policy: aws.autoscaling.Policy, child: pulumi.ResourceOptions) -> None:
+    """An alarm that fires ``policy`` while ``expression`` is 1.
+
+    The expression may use ``wanted``, ``backlogperagent`` (the operation's
+    metrics) and ``desired`` (the group's desired capacity).
+    """
+    sources: list[tuple[str, str, str, str, pulumi.Input[dict[str, str]]]] = [
+        ("wanted", metrics.NAMESPACE, metrics.WANTED, "Maximum", dims),
+        ("backlogperagent", metrics.NAMESPACE, metrics.BACKLOG_PER_AGENT, "Average", dims),
+        ("desired", "AWS/AutoScaling", "GroupDesiredCapacity", "Maximum",
+         group.name.apply(lambda n: {"AutoScalingGroupName": n})),
+    ]
+    queries: list[dict[str, Any]] = [
+        {"id": query_id, "return_data": False, "metric": {
+            "namespace": namespace, "metric_name": metric, "stat": stat,
+            "period": metrics.PERIOD_SECONDS, "dimensions": dimensions}}
+        for query_id, namespace, metric, stat, dimensions in sources if query_id in expression]
+    aws.cloudwatch.MetricAlarm(
+        name,
+        alarm_description=description,
+        metric_queries=[
+            *queries,
+            {"id": "act", "expression": expression, "label": description, "return_data": True},
+        ],
+        comparison_operator="GreaterThanOrEqualToThreshold", threshold=1,
+        evaluation_periods=evaluation_periods, datapoints_to_alarm=evaluation_periods,
+        treat_missing_data="notBreaching", alarm_actions=[policy.arn], opts=child)
+

@@ -1,0 +1,109 @@
+"""User data for the nodes: cloud-config that writes the node's settings and starts its service.
+
+The images (appliance/, provisioned by the ansible roles) carry the programs and
+systemd units; user data only says *what* this node runs. It never holds a
+secret: the broker URL and the manager's API token are named by their SSM
+parameter, and the unit reads them at start with the node's own role.
+
+The contract with the images' units:
+
+- agents: ``/etc/streamboss/agent.json`` is a ``stream-agent --config`` file
+  (operation, definition, object store); ``/etc/streamboss/agent.env`` names the
+  SSM parameter holding ``STREAMBOSS_BROKER_URL`` and the region;
+  ``stream-agent.service`` is enabled and started.
+- manager: ``/etc/streamboss/manager.env`` names both SSM parameters, the
+  management API, the archive and object stores, the API port and the state
+  volume's device; ``stream-manager.service`` is enabled and started.
+
+Pure text (no Pulumi): the output is byte-stable for the same inputs, so an
+unchanged operation never gets a new launch template version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+CONFIG_DIR = "/etc/streamboss"
+AGENT_SERVICE = "stream-agent.service"
+MANAGER_SERVICE = "stream-manager.service"
+# The environment names the units read (systemd EnvironmentFile=).
+BROKER_URL_PARAMETER_ENV = "STREAMBOSS_BROKER_URL_PARAMETER"
+TOKEN_PARAMETER_ENV = "STREAMBOSS_TOKEN_PARAMETER"
+
+
+def agent_user_data(*, operation: str, input_stream: str, output_stream: str,
+                    definition: Mapping[str, Any], object_store: str,
+                    broker_url_parameter: str, region: str) -> str:
+    """Cloud-config for one agent of ``operation``.
+
+    Parameters:
+        operation: the operation's name.
+        input_stream: the stream it consumes.
+        output_stream: the stream it publishes to.
+        definition: the process definition object (exec, mode, ...).
+        object_store: where large outputs go (``s3://bucket/prefix``).
+        broker_url_parameter: the SSM parameter holding the broker URL.
+        region: the AWS region, for the SSM and S3 clients.
+    """
+    config = {"operation": {"name": operation, "input": input_stream, "output": output_stream},
+              "definition": dict(definition), "object_store": object_store}
+    env = {BROKER_URL_PARAMETER_ENV: broker_url_parameter, "AWS_REGION": region,
+           "AWS_DEFAULT_REGION": region}
+    return _cloud_config({"agent.json": _json(config) + "\n", "agent.env": _env(env)},
+                         AGENT_SERVICE)
+
+
+def manager_user_data(*, broker_url_parameter: str, token_parameter: str, management_url: str,
+                      archive_store: str, object_store: str, api_port: int, state_device: str,
+                      region: str) -> str:
+    """Cloud-config for the manager node.
+
+    Parameters:
+        broker_url_parameter: the SSM parameter holding the broker URL.
+        token_parameter: the SSM parameter holding the API's bearer token.
+        management_url: the broker's management API (``https://host``).
+        archive_store: where archives go (``s3://bucket``).
+        object_store: where ``stream-file`` uploads go (``s3://bucket/prefix``).
+        api_port: the port the API listens on (all interfaces, token required).
+        state_device: the device of the encrypted volume that holds the state directory.
+        region: the AWS region.
+    """
+    env = {
+        BROKER_URL_PARAMETER_ENV: broker_url_parameter,
+        TOKEN_PARAMETER_ENV: token_parameter,
+        "STREAMBOSS_MANAGEMENT_URL": management_url,
+        "STREAMBOSS_ARCHIVE_STORE": archive_store,
+        "STREAMBOSS_OBJECT_STORE": object_store,
+        "STREAMBOSS_API_PORT": str(api_port),
+        "STREAMBOSS_STATE_DEVICE": state_device,
+        "AWS_REGION": region,
+        "AWS_DEFAULT_REGION": region,
+    }
+    return _cloud_config({"manager.env": _env(env)}, MANAGER_SERVICE)
+
+
+def _cloud_config(files: Mapping[str, str], service: str) -> str:
+    # JSON is YAML, so cloud-init reads it; json.dumps quotes every string safely.
+    document = {
+        "write_files": [{"path": f"{CONFIG_DIR}/{name}", "content": content,
+                         "owner": "root:root", "permissions": "0644"}
+                        for name, content in sorted(files.items())],
+        "runcmd": [["systemctl", "enable", "--now", service]],
+    }
+    return "#cloud-config\n" + _json(document) + "\n"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _env(values: Mapping[str, str]) -> str:
+    lines = []
+    for key, value in sorted(values.items()):
+        # systemd would split or unquote these; none of our values needs them.
+        if any(c in value for c in "\n\"'\\ $"):
+            raise ValueError(f"{key} value {value!r} cannot go into an environment file")
+        lines.append(f"{key}={value}\n")
+    return "".join(lines)
