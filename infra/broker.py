@@ -23,6 +23,10 @@ import pulumi_aws as aws
 from .security_groups import AMQPS_PORT, HTTPS_PORT
 
 ENGINE_TYPE = "RabbitMQ"
+# One node (dev), or a three-node cluster across zones behind one endpoint (prod).
+SINGLE_INSTANCE = "SINGLE_INSTANCE"
+CLUSTER_MULTI_AZ = "CLUSTER_MULTI_AZ"
+DEPLOYMENT_MODES = (SINGLE_INSTANCE, CLUSTER_MULTI_AZ)
 # The default virtual host, spelled as pika's URL parser wants it.
 DEFAULT_VHOST_PATH = "/%2F"
 
@@ -109,7 +113,7 @@ class Broker(pulumi.ComponentResource):
                     f"{name}-{label}-{index}", security_group_id=group.id, ip_protocol="tcp",
                     from_port=port, to_port=port, referenced_security_group_id=source,
                     description=f"{label} from a streamboss node group", opts=child)
-        single = args.deployment_mode == "SINGLE_INSTANCE"
+        single = args.deployment_mode == SINGLE_INSTANCE
         subnets = pulumi.Output.from_input(args.subnet_ids).apply(
             lambda ids: ids[:1] if single else ids)
         broker = aws.mq.Broker(

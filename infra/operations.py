@@ -23,9 +23,9 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 # period), and the idle alarm's look-back is the idle period.
 MAX_IDLE_SECONDS = 86_400
 
-# AWS takes cooldowns and warm-up as whole seconds; a week is far beyond any
-# sensible value and catches a unit mix-up (milliseconds given as seconds).
-MAX_COOLDOWN_SECONDS = 7 * 86_400
+# The scale-in alarm looks back over the scale-in cooldown, so the same one-day
+# limit applies; it also catches a unit mix-up (milliseconds given as seconds).
+MAX_COOLDOWN_SECONDS = 86_400
 
 REQUIRED_FIELDS = ("name", "input", "output", "definition", "min", "max",
                    "target_backlog_per_agent", "scale_out_cooldown", "scale_in_cooldown",

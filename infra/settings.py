@@ -13,6 +13,7 @@ from typing import Any
 
 import pulumi
 
+from .broker import CLUSTER_MULTI_AZ, DEPLOYMENT_MODES, SINGLE_INSTANCE
 from .operations import OperationSpec, parse_operations
 
 # The structured config key the manager's AWS dispatcher writes
@@ -30,14 +31,11 @@ KEYS = (
     "agentInstanceType", OPERATIONS_KEY,
 )
 
-SINGLE_INSTANCE = "SINGLE_INSTANCE"
-CLUSTER_MULTI_AZ = "CLUSTER_MULTI_AZ"
-DEPLOYMENT_MODES = (SINGLE_INSTANCE, CLUSTER_MULTI_AZ)
-
 # Far more addresses than agents will ever need, and clear of the 172.17/16
 # Docker bridge and the 192.168/16 home networks people VPN in from.
 DEFAULT_VPC_CIDR = "10.40.0.0/16"
-# The smallest instance Amazon MQ offers; it runs SINGLE_INSTANCE only.
+# mq.t3.micro, the smallest broker, runs SINGLE_INSTANCE only; mq.m5.large is the
+# smallest that can cluster.
 DEFAULT_BROKER_INSTANCE_TYPE = {SINGLE_INSTANCE: "mq.t3.micro", CLUSTER_MULTI_AZ: "mq.m5.large"}
 # The RabbitMQ line Amazon MQ currently offers; it requires automatic minor upgrades.
 DEFAULT_BROKER_ENGINE_VERSION = "3.13"
@@ -126,7 +124,6 @@ def load(config: pulumi.Config) -> Settings:
     if storage_class not in ARCHIVE_STORAGE_CLASSES:
         raise ConfigError(f"archiveStorageClass {storage_class!r}: use one of "
                           f"{', '.join(ARCHIVE_STORAGE_CLASSES)}")
-    root_volume = _int(config, "rootVolumeGb", None, minimum=1)
     return Settings(
         vpc_cidr=_vpc_cidr(config.get("vpcCidr") or DEFAULT_VPC_CIDR),
         vpc_id=vpc_id,
@@ -153,7 +150,7 @@ def load(config: pulumi.Config) -> Settings:
                                      DEFAULT_MANAGER_STATE_VOLUME_GB, minimum=1),
         agent_ami=config.get("agentAmi") or None,
         agent_instance_type=config.get("agentInstanceType") or DEFAULT_AGENT_INSTANCE_TYPE,
-        root_volume_gb=root_volume,
+        root_volume_gb=_optional_int(config, "rootVolumeGb", minimum=1),
         operations=tuple(parse_operations(config.get_object(OPERATIONS_KEY))),
     )
 
@@ -184,10 +181,15 @@ def _strings(config: pulumi.Config, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _int(config: pulumi.Config, key: str, default: int | None, *, minimum: int) -> Any:
+def _int(config: pulumi.Config, key: str, default: int, *, minimum: int) -> int:
+    value = _optional_int(config, key, minimum=minimum)
+    return default if value is None else value
+
+
+def _optional_int(config: pulumi.Config, key: str, *, minimum: int) -> int | None:
     value: Any = config.get_object(key)
     if value is None:
-        return default
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key} must be a whole number of at least {minimum}, got {value!r}")
     return value

@@ -57,6 +57,8 @@ def test_nothing_declared_is_no_operation():
      "operation 'resize': 'scale_in_cooldown' must be a number, got '10'"),
     ([entry(idle_seconds=86_401)],
      "operation 'resize': 'idle_seconds' must be at most 86400, got 86401"),
+    ([entry(scale_in_cooldown=86_401)],
+     "operation 'resize': 'scale_in_cooldown' must be at most 86400, got 86401"),
     ([entry(scale_out_cooldown=float("inf"))],
      "operation 'resize': 'scale_out_cooldown' must be a number, got inf"),
     ([entry(name="Resize")], "operation 'Resize': 'name' 'Resize' is not a valid name"),
