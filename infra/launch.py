@@ -105,3 +105,12 @@ def secure_launch_template(name: str, args: LaunchTemplateArgs,
         tags=args.tags,
         opts=pulumi.ResourceOptions(parent=parent),
     )
+
+
+def latest(template: aws.ec2.LaunchTemplate) -> dict[str, pulumi.Input[str]]:
+    """A reference to ``template``'s latest version, for a group or an instance.
+
+    Naming the version (not ``$Latest``) makes a changed template a visible
+    change of its user, which is what rolls the change out.
+    """
+    return {"id": template.id, "version": template.latest_version.apply(str)}

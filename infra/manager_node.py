@@ -19,7 +19,7 @@ import pulumi_aws as aws
 
 from . import metrics
 from .iam import instance_profile, policy_document, statement
-from .launch import LaunchTemplateArgs, secure_launch_template
+from .launch import LaunchTemplateArgs, latest, secure_launch_template
 from .security_groups import MANAGER_API_PORT
 from .storage import STREAMS_PREFIX
 from .user_data import manager_user_data
@@ -125,7 +125,7 @@ class ManagerNode(pulumi.ComponentResource):
         replace_first = pulumi.ResourceOptions(parent=self, delete_before_replace=True)
         instance = aws.ec2.Instance(
             f"{name}-instance", subnet_id=subnet,
-            launch_template={"id": template.id, "version": template.latest_version.apply(str)},
+            launch_template=latest(template),
             tags={**args.tags, "Name": name}, opts=replace_first)
         # The subnet's zone, not the instance's: a replaced instance's zone is unknown
         # until it exists, which would make a preview plan to replace the volume.

@@ -41,7 +41,7 @@ import pulumi_aws as aws
 
 from . import metrics
 from .iam import instance_profile, policy_document, statement
-from .launch import LaunchTemplateArgs, secure_launch_template
+from .launch import LaunchTemplateArgs, latest, secure_launch_template
 from .operations import OperationSpec
 from .storage import OPERATIONS_PREFIX, STREAMS_PREFIX
 from .user_data import agent_user_data
@@ -170,7 +170,7 @@ class OperationPool(pulumi.ComponentResource):
             # No desired_capacity: the scaling policies own it, and `pulumi up`
             # must not reset whatever they chose.
             vpc_zone_identifiers=args.subnet_ids,
-            launch_template={"id": template.id, "version": template.latest_version.apply(str)},
+            launch_template=latest(template),
             default_cooldown=seconds(spec.scale_in_cooldown),
             default_instance_warmup=seconds(spec.scale_out_cooldown),
             enabled_metrics=list(GROUP_METRICS),

@@ -196,16 +196,17 @@ def _optional_int(config: pulumi.Config, key: str, *, minimum: int) -> int | Non
 
 
 def _cidr(key: str, value: str) -> str:
+    # IPv4 only: the security group rules and the VPC are IPv4.
     try:
-        return str(ipaddress.ip_network(value, strict=True))
+        network = ipaddress.IPv4Network(value, strict=True)
     except ValueError as exc:
-        raise ConfigError(f"{key}: {value!r} is not a CIDR block ({exc})") from None
+        raise ConfigError(f"{key}: {value!r} is not an IPv4 CIDR block ({exc})") from None
+    return str(network)
 
 
 def _vpc_cidr(value: str) -> str:
     cidr = _cidr("vpcCidr", value)
-    network = ipaddress.ip_network(cidr)
     # Sixteen subnets must fit, each at least a /28 (AWS's smallest subnet).
-    if network.version != 4 or not 16 <= network.prefixlen <= 24:
+    if not 16 <= ipaddress.IPv4Network(cidr).prefixlen <= 24:
         raise ConfigError(f"vpcCidr {value!r} must be an IPv4 block from /16 to /24")
     return cidr

@@ -218,3 +218,47 @@ def policy_documents(declared: list[Declared]) -> list[tuple[str, dict[str, Any]
             if isinstance(text, str):
                 documents.append((f"{item.name}.{key}", json.loads(text)))
     return documents
+
+
+# -- shared assertions ------------------------------------------------------------------
+
+
+def assert_secure_template(template: Any) -> None:
+    options = template.inputs["metadataOptions"]
+    assert options["httpTokens"] == "required"
+    assert options["httpPutResponseHopLimit"] == 1
+    mappings = template.inputs["blockDeviceMappings"]
+    assert mappings
+    assert all(m["ebs"]["encrypted"] == "true" for m in mappings)
+
+
+def guards_of(stack, bucket_name: str) -> dict[str, dict[str, Any]]:
+    """The inputs of every resource configuring ``bucket_name`` (by its mock id), by type."""
+    bucket_id = f"{bucket_name}-id"
+    found: dict[str, dict[str, Any]] = {}
+    for d in stack.declared:
+        if d.inputs.get("bucket") == bucket_id:
+            assert d.type not in found
+            found[d.type] = d.inputs
+    return found
+
+
+def assert_private_encrypted_tls_only(stack, bucket: Any) -> dict[str, dict[str, Any]]:
+    guards = guards_of(stack, bucket.name)
+    block = guards["aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock"]
+    assert all(block[flag] is True for flag in (
+        "blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets"))
+    ownership = guards["aws:s3/bucketOwnershipControls:BucketOwnershipControls"]
+    assert ownership["rule"]["objectOwnership"] == "BucketOwnerEnforced"
+    (rule,) = guards["aws:s3/bucketServerSideEncryptionConfiguration:"
+                     "BucketServerSideEncryptionConfiguration"]["rules"]
+    assert rule["applyServerSideEncryptionByDefault"]["sseAlgorithm"] in ("AES256", "aws:kms")
+    policy = json.loads(guards["aws:s3/bucketPolicy:BucketPolicy"]["policy"])
+    arn = bucket.state["arn"]
+    (deny,) = [s for s in policy["Statement"] if s["Effect"] == "Deny"]
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert deny["Principal"] == "*" and deny["Action"] == "s3:*"
+    assert sorted(deny["Resource"]) == [arn, f"{arn}/*"]
+    assert not [s for s in policy["Statement"] if s["Effect"] == "Allow"]
+    assert "acl" not in bucket.inputs and "policy" not in bucket.inputs
+    return guards

@@ -23,7 +23,15 @@ from infra.storage import PrivateBucket, PrivateBucketArgs, Storage, StorageArgs
 from infra.user_data import agent_user_data
 from streamboss.agent.config import build_config
 
-from .conftest import PASSWORD, TOKEN, ZONES, is_secret, plain
+from .conftest import (
+    PASSWORD,
+    TOKEN,
+    ZONES,
+    assert_private_encrypted_tls_only,
+    assert_secure_template,
+    is_secret,
+    plain,
+)
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -38,15 +46,6 @@ def cloud_config(template: Any) -> dict[str, Any]:
 
 def written(template: Any) -> dict[str, str]:
     return {Path(f["path"]).name: f["content"] for f in cloud_config(template)["write_files"]}
-
-
-def assert_secure_template(template: Any) -> None:
-    options = template.inputs["metadataOptions"]
-    assert options["httpTokens"] == "required"
-    assert options["httpPutResponseHopLimit"] == 1
-    mappings = template.inputs["blockDeviceMappings"]
-    assert mappings
-    assert all(m["ebs"]["encrypted"] == "true" for m in mappings)
 
 
 def sample_spec(**changes: Any) -> Any:
@@ -202,38 +201,6 @@ def test_broker_url_encodes_credentials_and_refuses_a_non_tls_endpoint():
 
 
 # -- storage ---------------------------------------------------------------------------------
-
-
-def guards_of(stack, bucket_name: str) -> dict[str, dict[str, Any]]:
-    """The inputs of every resource configuring ``bucket_name`` (by its mock id), by type."""
-    bucket_id = f"{bucket_name}-id"
-    found: dict[str, dict[str, Any]] = {}
-    for d in stack.declared:
-        if d.inputs.get("bucket") == bucket_id:
-            assert d.type not in found
-            found[d.type] = d.inputs
-    return found
-
-
-def assert_private_encrypted_tls_only(stack, bucket: Any) -> dict[str, dict[str, Any]]:
-    guards = guards_of(stack, bucket.name)
-    block = guards["aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock"]
-    assert all(block[flag] is True for flag in (
-        "blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets"))
-    ownership = guards["aws:s3/bucketOwnershipControls:BucketOwnershipControls"]
-    assert ownership["rule"]["objectOwnership"] == "BucketOwnerEnforced"
-    (rule,) = guards["aws:s3/bucketServerSideEncryptionConfiguration:"
-                     "BucketServerSideEncryptionConfiguration"]["rules"]
-    assert rule["applyServerSideEncryptionByDefault"]["sseAlgorithm"] in ("AES256", "aws:kms")
-    policy = json.loads(guards["aws:s3/bucketPolicy:BucketPolicy"]["policy"])
-    arn = bucket.state["arn"]
-    (deny,) = [s for s in policy["Statement"] if s["Effect"] == "Deny"]
-    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
-    assert deny["Principal"] == "*" and deny["Action"] == "s3:*"
-    assert sorted(deny["Resource"]) == [arn, f"{arn}/*"]
-    assert not [s for s in policy["Statement"] if s["Effect"] == "Allow"]
-    assert "acl" not in bucket.inputs and "policy" not in bucket.inputs
-    return guards
 
 
 def test_a_private_bucket_has_every_guard(stack):

@@ -25,6 +25,8 @@ from .conftest import (
     PASSWORD,
     SECRET_KEYS,
     TOKEN,
+    assert_private_encrypted_tls_only,
+    assert_secure_template,
     is_secret,
     plain,
     policy_documents,
@@ -32,7 +34,6 @@ from .conftest import (
     set_config,
     stack_config,
 )
-from .test_components import assert_private_encrypted_tls_only, assert_secure_template
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = ("count", "resize", "upper")
@@ -274,7 +275,8 @@ def test_no_operations_is_a_stack_without_pools(stack):
      "brokerInstanceType 'mq.t3.micro' cannot run CLUSTER_MULTI_AZ"),
     ({"vpcId": "vpc-1"}, "vpcId is set but subnetIds is not"),
     ({"vpcCidr": "10.0.0.0/8"}, "vpcCidr '10.0.0.0/8' must be an IPv4 block from /16 to /24"),
-    ({"managerApiCidrs": '["10.0.0.1/8"]'}, "managerApiCidrs: '10.0.0.1/8' is not a CIDR"),
+    ({"managerApiCidrs": '["10.0.0.1/8"]'}, "managerApiCidrs: '10.0.0.1/8' is not an IPv4 CIDR"),
+    ({"managerApiCidrs": '["2001:db8::/32"]'}, "managerApiCidrs: '2001:db8::/32' is not an IPv4"),
     ({"archiveTransitionDays": "0"}, "archiveTransitionDays must be a whole number of at least"),
     ({"archiveStorageClass": "TAPE"}, "archiveStorageClass 'TAPE': use one of"),
     ({"availabilityZones": '["a"]'}, "availabilityZones needs at least two zones"),
