@@ -88,13 +88,19 @@ def build(config: pulumi.Config) -> Program:
         archive_bucket=storage.archive.bucket, archive_bucket_arn=storage.archive.arn,
         objects_bucket=storage.objects.bucket, region=region, tags=tags))
 
-    agent_image = find_image(AGENT_ROLE, settings.agent_ami, settings.ami_owners)
+    # Looked up only when a pool needs it: a stack with no operations (or only
+    # operations with their own image) must not fail for want of a stream-agent AMI.
+    agent_image = None
     pools = {}
     for spec in settings.operations:
         producers = tuple(o.name for o in settings.operations
                           if o.output == spec.input and o.name != spec.name)
-        image = (find_image(AGENT_ROLE, spec.image, settings.ami_owners)
-                 if spec.image else agent_image)
+        if spec.image:
+            image = find_image(AGENT_ROLE, spec.image, settings.ami_owners)
+        else:
+            if agent_image is None:
+                agent_image = find_image(AGENT_ROLE, settings.agent_ami, settings.ami_owners)
+            image = agent_image
         pools[spec.name] = OperationPool(f"agents-{spec.name}", OperationPoolArgs(
             operation=spec, producers=producers, subnet_ids=network.private_subnet_ids,
             security_group_id=groups.agents_id, image=image,

@@ -262,10 +262,20 @@ def test_an_existing_vpc_and_a_cluster_broker(stack):
         assert group.inputs["vpcZoneIdentifiers"] == ["subnet-a", "subnet-b"]
 
 
-def test_no_operations_is_a_stack_without_pools(stack):
+def test_no_operations_is_a_stack_without_pools_or_agent_image(stack, monkeypatch):
+    lookups = []
+    original = stack.mocks.call
+
+    def spy(args: Any) -> Any:
+        lookups.append(args.args.get("filters"))
+        return original(args)
+
+    monkeypatch.setattr(stack.mocks, "call", spy)
     run_program(stack, stack_config("[]"))
     assert not stack.of_type("aws:autoscaling/group:Group")
     assert len(stack.of_type("aws:ec2/launchTemplate:LaunchTemplate")) == 1
+    images = [f[0]["values"][0] for f in lookups if f]
+    assert images == ["stream-manager"]
 
 
 @pytest.mark.parametrize(("extra", "message"), [
