@@ -29,7 +29,7 @@ import mimetypes
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 from urllib.parse import unquote, urlsplit
@@ -38,6 +38,10 @@ ENDPOINT_ENV = "STREAMBOSS_S3_ENDPOINT_URL"
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 # S3 refuses multipart parts under 5 MiB (except the last one).
 MIN_PART_SIZE = 5 * 1024 * 1024
+# Parts uploaded at once, and held in memory at once (boto3 buffers each part,
+# and the HTTP layer about as much again): ~35 MiB with 8 MiB parts, whatever the
+# object's size. Measured against a loopback endpoint, 2 was as fast as 4.
+UPLOAD_THREADS = 2
 SHA256_METADATA = "sha256"
 
 _CREDENTIAL_CODES = frozenset(
@@ -220,6 +224,35 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
+class _Borrowed(io.RawIOBase):
+    """A seekable source lent to boto3, which closes what it uploads: the caller's
+    file stays open."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        super().__init__()
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._source.read(-1 if size is None else size)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._source.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._source.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._source.tell()
+
+
 # ---------------------------------------------------------------- API
 
 
@@ -230,13 +263,16 @@ def put(
     *,
     endpoint_url: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Callable[[int], None] | None = None,
 ) -> ObjectInfo:
     """Stream ``source`` to ``url``, computing its size and SHA-256 on the way.
 
     The object appears whole or not at all: a ``file://`` object is written to a
-    temporary file beside it, fsynced and renamed; an ``s3://`` object is
-    uploaded (multipart above ``chunk_size``) under a temporary key, then
-    copied server-side to ``url`` with its digest as ``sha256`` metadata.
+    temporary file beside it, fsynced and renamed. For ``s3://`` a seekable
+    source (a file) is hashed first and uploaded (multipart above ``chunk_size``)
+    with its digest as ``sha256`` metadata, and refused if it changed meanwhile;
+    a stream that cannot be read twice is uploaded under a temporary key, then
+    copied server-side to ``url`` with the digest.
 
     Parameters:
         url: destination, ``file:///abs/path`` or ``s3://bucket/key``.
@@ -245,6 +281,8 @@ def put(
         endpoint_url: S3-compatible endpoint; default ``STREAMBOSS_S3_ENDPOINT_URL``.
         chunk_size: read size, and S3 multipart threshold and part size
             (raised to S3's 5 MiB minimum).
+        progress: called with the number of bytes just stored (from upload
+            threads for S3).
 
     Returns:
         The stored object's :class:`ObjectInfo`.
@@ -259,12 +297,47 @@ def put(
         raise ValueError("chunk_size must be positive")
     target = _parse(url)
     if isinstance(target, _FileTarget):
-        return _put_file(url, target.path, source, content_type, chunk_size)
-    return _put_s3(url, target, source, content_type, endpoint_url, chunk_size)
+        return _put_file(url, target.path, source, content_type, chunk_size, progress)
+    start = _position(source)
+    if start is not None:
+        return _put_s3_seekable(url, target, source, start, content_type, endpoint_url,
+                                chunk_size, progress)
+    return _put_s3(url, target, source, content_type, endpoint_url, chunk_size, progress)
+
+
+def _position(source: BinaryIO) -> int | None:
+    """Where a seekable source stands; None when it can be read only once."""
+    try:
+        return source.tell() if source.seekable() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _fingerprint(source: BinaryIO) -> tuple[int, int] | None:
+    """(size, mtime) of the file behind ``source``, to notice a change during upload."""
+    try:
+        stat = os.fstat(source.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _transfer_config(chunk_size: int) -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    part = max(chunk_size, MIN_PART_SIZE)
+    config = TransferConfig(
+        multipart_threshold=part, multipart_chunksize=part, max_concurrency=UPLOAD_THREADS,
+        use_threads=True,
+    )
+    # boto3's TransferConfig does not take this s3transfer setting, but passes it on.
+    config.max_in_memory_upload_chunks = UPLOAD_THREADS
+    return config
 
 
 def _put_file(
-    url: str, path: str, source: BinaryIO, content_type: str | None, chunk_size: int
+    url: str, path: str, source: BinaryIO, content_type: str | None, chunk_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> ObjectInfo:
     directory, name = os.path.split(path)
     if not name:
@@ -283,6 +356,8 @@ def _put_file(
                 digest.update(chunk)
                 size += len(chunk)
                 out.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, path)
@@ -301,6 +376,42 @@ def _put_file(
     return ObjectInfo(url, size, digest.hexdigest(), content_type)
 
 
+def _put_s3_seekable(
+    url: str,
+    target: _S3Target,
+    source: BinaryIO,
+    start: int,
+    content_type: str | None,
+    endpoint_url: str | None,
+    chunk_size: int,
+    progress: Callable[[int], None] | None,
+) -> ObjectInfo:
+    # Reading a local file twice costs far less than S3 copying the object.
+    before = _fingerprint(source)
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := source.read(chunk_size):
+        digest.update(chunk)
+        size += len(chunk)
+    source.seek(start)
+    sha256 = digest.hexdigest()
+    client = _s3_client(endpoint_url, url)
+    extra: dict[str, Any] = {"Metadata": {SHA256_METADATA: sha256}}
+    if content_type:
+        extra["ContentType"] = content_type
+    try:
+        client.upload_fileobj(_Borrowed(source), target.bucket, target.key, ExtraArgs=extra,
+                              Config=_transfer_config(chunk_size), Callback=progress)
+    except _botocore_errors() as exc:
+        raise _s3_error(exc, url, target.bucket) from exc
+    if _fingerprint(source) != before or source.tell() - start != size:
+        with contextlib.suppress(Exception):
+            client.delete_object(Bucket=target.bucket, Key=target.key)
+        raise ObjectStoreError(f"{url}: the source changed while it was uploaded; nothing "
+                               "was stored", url)
+    return ObjectInfo(url, size, sha256, content_type)
+
+
 def _put_s3(
     url: str,
     target: _S3Target,
@@ -308,21 +419,17 @@ def _put_s3(
     content_type: str | None,
     endpoint_url: str | None,
     chunk_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> ObjectInfo:
-    from boto3.s3.transfer import TransferConfig
-
-    part = max(chunk_size, MIN_PART_SIZE)
-    config = TransferConfig(
-        multipart_threshold=part, multipart_chunksize=part, max_concurrency=4,
-        use_threads=True,
-    )
+    config = _transfer_config(chunk_size)
     client = _s3_client(endpoint_url, url)
     reader = _HashingReader(source)
     staging = f"{target.key}.partial-{uuid.uuid4().hex}"
     extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
     uploaded = False
     try:
-        client.upload_fileobj(reader, target.bucket, staging, ExtraArgs=extra, Config=config)
+        client.upload_fileobj(reader, target.bucket, staging, ExtraArgs=extra, Config=config,
+                              Callback=progress)
         uploaded = True
         sha256 = reader.digest.hexdigest()
         # Metadata is fixed when an upload starts, before the digest is known,

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import logging
 import mimetypes
 import os
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import click
 import pika
@@ -23,14 +23,13 @@ from streamboss.agent import objects
 from streamboss.agent.cli import agent_command, run_cli
 from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL, OBJECT_STORE_ENV
 
-from .client import Client, ClientError
+from .client import DEFAULT_HOST, DEFAULT_PORT, Client, ClientError
 from .model import ScalingPolicy
 from .paths import objects_dir, state_dir
 from .publisher import ConfirmedPublisher, PublishError
 from .replay import ReplayError, parse_time, to_message
 from .replay import check_window as check_replay_window
 from .replay import select as select_records
-from .server import DEFAULT_HOST, DEFAULT_PORT, ServerConfig, ServerError, serve
 from .streams_io import StreamError, check_stream, consume, publish
 
 OUTPUT = click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]),
@@ -87,6 +86,9 @@ cli.add_command(agent_command)
 
 
 def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: bool) -> None:
+    # The server's web stack is imported only to serve: the data verbs stay light.
+    from .server import ServerConfig, ServerError, serve
+
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.CRITICAL)
@@ -374,22 +376,6 @@ def consume_(stream: str, count: int | None, timeout: float | None, raw: bool,
         return
 
 
-class _ProgressReader(io.RawIOBase):
-    """A file that advances a progress bar as the uploader reads it."""
-
-    def __init__(self, source: BinaryIO, bar: Any) -> None:
-        self._source = source
-        self._bar = bar
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        count = self._source.readinto(buffer)  # type: ignore[attr-defined]
-        self._bar.update(count or 0)
-        return count or 0
-
-
 def _default_store() -> str:
     return os.environ.get(OBJECT_STORE_ENV) or f"file://{objects_dir(state_dir())}"
 
@@ -422,8 +408,13 @@ def stream_file(stream: str, file: Path, store: str | None) -> None:
         objects.stat(target)
         with click.progressbar(length=size, label=f"uploading {file.name}", file=sys.stderr,
                                show_pos=True) as bar:
-            info = objects.put(target, io.BufferedReader(_ProgressReader(source, bar)),
-                               content_type)
+            lock = threading.Lock()
+
+            def advance(count: int) -> None:
+                with lock:  # S3 uploads report from several threads
+                    bar.update(count)
+
+            info = objects.put(target, source, content_type, progress=advance)
         publish(broker, stream, [info.url.encode()], headers={
             hdr.OBJECT_URL: info.url, hdr.OBJECT_SIZE: info.size,
             hdr.OBJECT_SHA256: info.sha256, hdr.OBJECT_CONTENT_TYPE: content_type})

@@ -9,7 +9,10 @@ import httpx
 
 URL_ENV = "STREAMBOSS_URL"
 TOKEN_ENV = "STREAMBOSS_TOKEN"
-DEFAULT_URL = "http://127.0.0.1:8181"
+# Where `streamboss manager` listens by default, and so where the CLI looks.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8181
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 # Declarations are quick; a manager that does not answer in this long is stuck.
 TIMEOUT = 30.0
 

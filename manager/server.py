@@ -19,7 +19,7 @@ from streamboss.agent.config import redact
 
 from .api import Manager, create_app
 from .broker import Broker
-from .client import TOKEN_ENV
+from .client import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
 from .dispatch_local import LocalDispatcher
 from .paths import archives_dir, objects_dir
 from .reconciler import Reconciler
@@ -27,8 +27,6 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8181
 # Where `archive-stream` puts segments unless told otherwise.
 ARCHIVE_STORE_ENV = "STREAMBOSS_ARCHIVE_STORE"
 
