@@ -6,7 +6,7 @@ with the sha256 check, as an agent reads it) against raw boto3 ``upload_file`` +
 ``download_fileobj`` of the same file on the same endpoint: a moto S3 server in its
 own process on loopback. Rounds alternate which goes first; medians.
 
-``rss``: peak RSS (``wait4``'s ``ru_maxrss``, the process alone) of ``streamboss
+``rss``: peak RSS (``VmHWM``, the process alone, polled every 10 ms) of ``streamboss
 stream-file`` streaming a large file (1 GiB; ``--quick`` 256 MiB) to a ``file://``
 store and to the moto server, and of a per-message agent streaming the referenced
 object into ``sha256sum``.
@@ -173,11 +173,24 @@ def objects_round_trip(endpoint: str, log_dir: Path, size: int, rounds: int) -> 
 # -- rss ------------------------------------------------------------------------------
 
 
-def _maxrss_mb(process: subprocess.Popen[bytes]) -> tuple[int, float]:
-    """Wait for ``process``; its exit code and its own peak RSS in MiB."""
-    _pid, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, usage.ru_maxrss / 1024
+def _peak_rss_mb(process: subprocess.Popen[bytes], timeout: float = WAIT_TIMEOUT
+                 ) -> tuple[int, float]:
+    """Wait for ``process``; its exit code and its own peak RSS in MiB.
+
+    ``VmHWM`` from /proc, polled until the process exits: ``wait4``'s ``ru_maxrss``
+    would count the pages the child shared with this (large) parent before exec.
+    """
+    peak_kb = 0
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak_kb = max(peak_kb, int(line.split()[1]))
+        if time.monotonic() > deadline:
+            process.kill()
+        time.sleep(0.01)
+    return process.returncode, peak_kb / 1024
 
 
 def peak_rss(url: str, admin: Admin, endpoint: str | None, log_dir: Path, size: int,
@@ -208,7 +221,7 @@ def peak_rss(url: str, admin: Admin, endpoint: str | None, log_dir: Path, size: 
             [PYTHON, "-m", "streamboss.manager", "stream-file", source, str(path), "--store",
              store], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL)
-        code, upload_mb = _maxrss_mb(uploader)
+        code, upload_mb = _peak_rss_mb(uploader)
         uploaded_s = time.perf_counter() - started
         if code != 0:
             raise RuntimeError(f"stream-file failed: {uploader.stderr.read().decode()[-300:]}")
@@ -226,7 +239,7 @@ def peak_rss(url: str, admin: Admin, endpoint: str | None, log_dir: Path, size: 
         if result.split()[0].decode() != expected:
             raise RuntimeError("the agent's digest does not match the file")
         agent.terminate()
-        _code, agent_mb = _maxrss_mb(agent)
+        _code, agent_mb = _peak_rss_mb(agent)
     finally:
         if agent.returncode is None:
             agent.kill()
