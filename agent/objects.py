@@ -42,6 +42,9 @@ MIN_PART_SIZE = 5 * 1024 * 1024
 # and the HTTP layer about as much again): ~35 MiB with 8 MiB parts, whatever the
 # object's size. Measured against a loopback endpoint, 2 was as fast as 4.
 UPLOAD_THREADS = 2
+HASH_BUFFER = 1024 * 1024
+# S3 allows 10,000 parts per upload; a margin for rounding.
+MAX_PARTS = 9_000
 SHA256_METADATA = "sha256"
 
 _CREDENTIAL_CODES = frozenset(
@@ -322,10 +325,15 @@ def _fingerprint(source: BinaryIO) -> tuple[int, int] | None:
     return stat.st_size, stat.st_mtime_ns
 
 
-def _transfer_config(chunk_size: int) -> Any:
+def _transfer_config(chunk_size: int, size: int | None = None) -> Any:
+    """Upload settings; with the object's ``size`` known, the smallest parts S3 allows
+    (memory is parts in flight times part size), grown to stay under its part limit."""
     from boto3.s3.transfer import TransferConfig
 
-    part = max(chunk_size, MIN_PART_SIZE)
+    if size is None:
+        part = max(chunk_size, MIN_PART_SIZE)
+    else:
+        part = max(MIN_PART_SIZE, -(-size // MAX_PARTS))
     config = TransferConfig(
         multipart_threshold=part, multipart_chunksize=part, max_concurrency=UPLOAD_THREADS,
         use_threads=True,
@@ -390,9 +398,12 @@ def _put_s3_seekable(
     before = _fingerprint(source)
     digest = hashlib.sha256()
     size = 0
-    while chunk := source.read(chunk_size):
-        digest.update(chunk)
-        size += len(chunk)
+    # One reused buffer: fresh multi-MiB reads would each be a new allocation.
+    buffer = bytearray(HASH_BUFFER)
+    view = memoryview(buffer)
+    while count := source.readinto(buffer):  # type: ignore[attr-defined]
+        digest.update(view[:count])
+        size += count
     source.seek(start)
     sha256 = digest.hexdigest()
     client = _s3_client(endpoint_url, url)
@@ -401,7 +412,7 @@ def _put_s3_seekable(
         extra["ContentType"] = content_type
     try:
         client.upload_fileobj(_Borrowed(source), target.bucket, target.key, ExtraArgs=extra,
-                              Config=_transfer_config(chunk_size), Callback=progress)
+                              Config=_transfer_config(chunk_size, size), Callback=progress)
     except _botocore_errors() as exc:
         raise _s3_error(exc, url, target.bucket) from exc
     if _fingerprint(source) != before or source.tell() - start != size:

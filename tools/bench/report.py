@@ -302,8 +302,8 @@ def _storage(section: dict[str, Any]) -> list[str]:
             continue
         lines.append(
             f"  peak RSS streaming {entry['size'] // 2**20} MiB via {entry['store']}: "
-            f"stream-file {entry['uploader_mb']:.0f} MiB, agent (sha256sum) "
-            f"{entry['agent_mb']:.0f} MiB; upload {entry['upload_s']:.1f} s, digest out "
+            f"stream-file {entry['uploader_mb']:.0f} MB, agent (sha256sum) "
+            f"{entry['agent_mb']:.0f} MB; upload {entry['upload_s']:.1f} s, digest out "
             f"after {entry['end_to_end_s']:.1f} s")
     archive = section.get("archive")
     if archive:

@@ -175,7 +175,7 @@ def objects_round_trip(endpoint: str, log_dir: Path, size: int, rounds: int) -> 
 
 def _peak_rss_mb(process: subprocess.Popen[bytes], timeout: float = WAIT_TIMEOUT
                  ) -> tuple[int, float]:
-    """Wait for ``process``; its exit code and its own peak RSS in MiB.
+    """Wait for ``process``; its exit code and its own peak RSS in MB (10^6 bytes).
 
     ``VmHWM`` from /proc, polled until the process exits: ``wait4``'s ``ru_maxrss``
     would count the pages the child shared with this (large) parent before exec.
@@ -190,7 +190,7 @@ def _peak_rss_mb(process: subprocess.Popen[bytes], timeout: float = WAIT_TIMEOUT
         if time.monotonic() > deadline:
             process.kill()
         time.sleep(0.01)
-    return process.returncode, peak_kb / 1024
+    return process.returncode, peak_kb * 1024 / 1e6
 
 
 def peak_rss(url: str, admin: Admin, endpoint: str | None, log_dir: Path, size: int,
