@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from collections import deque
 from types import FrameType
 from typing import Any
@@ -25,6 +24,7 @@ from .broker import BrokerSession, Topology
 from .config import AgentConfig
 from .delivery import Delivery
 from .naming import dead_stream, operation_queue, stream_exchange
+from .reconnect import RECONNECT_DELAY, Reconnecting
 from .runners import Runner
 from .runners.per_message import PerMessageRunner
 from .runners.service import ServiceRunner
@@ -36,22 +36,18 @@ log = logging.getLogger(__name__)
 # unnoticed. The agent watches a handful of descriptors, where select is cheap.
 select_connection.SELECT_TYPE = "select"
 
-# Reconnect backoff: quick after a broker restart, gentle on a long outage.
-RECONNECT_DELAY = 0.5
-RECONNECT_DELAY_MAX = 30.0
-
 EXIT_OK = 0
-EXIT_FATAL = 2
 EXIT_INTERRUPTED = 130
 
 
-class Agent:
+class Agent(Reconnecting):
     """Runs one operation until SIGTERM/SIGINT (drain, exit 0) or a fatal error (exit 2)."""
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.ioloop = IOLoop()
         self.label = config.operation
+        self.program = "stream-agent"
         self.source = f"/streamboss/operations/{config.operation}"
         self.output_exchange = stream_exchange(config.output)
         self.dead_name = dead_stream(config.operation)
@@ -171,31 +167,7 @@ class Agent:
         self.epoch += 1
         self.acker.reset()
         self._confirms.clear()
-        if self._stopping:
-            self.ioloop.stop()
-            return
-        if fatal or not self._ever_ready:
-            # Nothing has been consumed yet: a bad URL, credentials or stream is the
-            # operator's to fix, and saying so now beats retrying forever.
-            print(f"stream-agent: error: {reason}", file=sys.stderr)
-            self.exit_code = EXIT_FATAL
-            self._stopping = True
-            self.ioloop.stop()
-            return
-        if self._draining:
-            # The broker has taken back everything in flight; nothing is left to drain.
-            log.warning("%s: connection lost while draining (%s)", self.label, reason)
-            self._finish()
-            self.ioloop.stop()
-            return
-        delay = self._reconnect_delay
-        self._reconnect_delay = min(delay * 2, RECONNECT_DELAY_MAX)
-        log.warning("%s: connection lost (%s); reconnecting in %.1fs", self.label, reason, delay)
-        self.ioloop.call_later(delay, self._reconnect)
-
-    def _reconnect(self) -> None:
-        if not self._stopping:
-            self.session.connect()
+        self.after_connection_lost(reason, fatal)
 
     def _on_message(self, tag: int, properties: pika.BasicProperties, body: bytes) -> None:
         self.acker.received(tag)

@@ -35,6 +35,7 @@ from streamboss.agent.archive import record_timestamp as _record_timestamp
 from streamboss.agent.broker import BrokerSession, Topology
 from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL
 from streamboss.agent.naming import archive_queue, stream_exchange
+from streamboss.agent.reconnect import EXIT_FATAL, RECONNECT_DELAY, Reconnecting
 
 from .model import DEFAULT_SEGMENT_BYTES, DEFAULT_SEGMENT_SECONDS
 
@@ -46,8 +47,6 @@ log = logging.getLogger("streamboss.archiver")
 DEFAULT_SEGMENT_RECORDS = 20_000
 # How often the age limit is checked; a segment is at most this late.
 ROLL_CHECK_INTERVAL = 0.25
-RECONNECT_DELAY = 0.5
-RECONNECT_DELAY_MAX = 30.0
 # SIGTERM finishes the open segment; an upload hung longer than this is abandoned
 # (its messages go back to the queue).
 DRAIN_TIMEOUT = 120.0
@@ -58,7 +57,6 @@ KEPT_PROPERTIES = ("content_type", "content_encoding", "delivery_mode", "priorit
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_FATAL = 2
 
 
 @dataclass(frozen=True)
@@ -84,12 +82,13 @@ def kept_properties(properties: pika.BasicProperties) -> dict[str, Any]:
     return kept
 
 
-class Archiver:
+class Archiver(Reconnecting):
     """Consume, append, roll, store, ack; :meth:`run` returns the exit code."""
 
     def __init__(self, config: ArchiverConfig) -> None:
         self.config = config
         self.label = f"archive {config.stream}"
+        self.program = "archiver"
         self.ioloop = IOLoop()
         exchange = stream_exchange(config.stream)
         # Only the subscription is needed: a stopped archive of a deleted stream
@@ -206,27 +205,7 @@ class Archiver:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-        if self._stopping:
-            self.ioloop.stop()
-            return
-        if fatal or not self._ever_ready:
-            print(f"archiver: error: {reason}", file=sys.stderr)
-            self.exit_code = EXIT_FATAL
-            self._stopping = True
-            self.ioloop.stop()
-            return
-        if self._draining:
-            self._finish()
-            self.ioloop.stop()
-            return
-        delay = self._reconnect_delay
-        self._reconnect_delay = min(delay * 2, RECONNECT_DELAY_MAX)
-        log.warning("%s: connection lost (%s); reconnecting in %.1fs", self.label, reason, delay)
-        self.ioloop.call_later(delay, self._reconnect)
-
-    def _reconnect(self) -> None:
-        if not self._stopping:
-            self.session.connect()
+        self.after_connection_lost(reason, fatal)
 
     def _on_message(self, tag: int, properties: pika.BasicProperties, body: bytes) -> None:
         if self.writer is None:

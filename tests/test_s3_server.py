@@ -4,15 +4,14 @@ segments, and replay reads them back. Real RabbitMQ throughout."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from .conftest import Broker, ManagerPool, ManagerProcess, MotoServer, wait_until
 from .test_archive_replay import BASE, STEP, one_line_error, publish_numbered, rfc3339
+from .test_claim_check import write_random
 
 # Over one 8 MiB part, so the upload is multipart; small enough for moto's memory.
 FILE_SIZE = 20 * 1000 * 1000
@@ -31,18 +30,6 @@ def names(module_managers: ManagerPool):
     return module_managers.name
 
 
-def random_file(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    with path.open("wb") as out:
-        remaining = size
-        while remaining:
-            chunk = os.urandom(min(remaining, 1 << 20))
-            digest.update(chunk)
-            out.write(chunk)
-            remaining -= len(chunk)
-    return digest.hexdigest()
-
-
 def test_stream_file_to_s3_into_a_managed_sha256sum_operation(
         manager: ManagerProcess, moto_server: MotoServer, broker: Broker, names,
         tmp_path: Path) -> None:
@@ -56,7 +43,7 @@ def test_stream_file_to_s3_into_a_managed_sha256sum_operation(
     manager.ok("create-operation", operation, operation, source, sink)
     out = broker.capture(sink)  # a subscriber: the manager starts the operation's agent
     big = tmp_path / "big.bin"
-    expected = random_file(big, FILE_SIZE)
+    expected = write_random(big, FILE_SIZE)
     # The seed's shim, with its argument order: STREAMNAME BUCKET FILENAME.
     result = manager.tool("stream_file.py", source, bucket, str(big))
     assert result.returncode == 0, result.stderr
