@@ -53,8 +53,12 @@ class Manager:
 
     def __init__(self, store: Store, broker: Broker, reconciler: Reconciler | None,
                  token: str | None, dispatcher_name: str = "local",
-                 archive_store: str = "") -> None:
+                 archive_store: str = "",
+                 dispatcher_view: Callable[[], dict[str, Any]] | None = None) -> None:
         self.archive_store = archive_store
+        # The dispatcher's own state for /v1/status (aws: the stack update and the
+        # CloudWatch side); None for the local dispatcher.
+        self.dispatcher_view = dispatcher_view
         self.store = store
         self.broker = broker
         self.reconciler = reconciler
@@ -250,6 +254,9 @@ def create_app(manager: Manager) -> FastAPI:
             "operations": operations,
             "archives": [s.to_dict() for s in reconciler.archive_status.values()]
             if reconciler else [],
+            "stack": None,
+            "cloud": None,
+            **(manager.dispatcher_view() if manager.dispatcher_view else {}),
         }
 
     @app.get("/v1/graph", dependencies=v1, response_class=PlainTextResponse)

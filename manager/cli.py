@@ -85,7 +85,8 @@ cli.add_command(agent_command)
 # -- running ------------------------------------------------------------------------
 
 
-def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: bool) -> None:
+def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: bool,
+           stack: str | None = None, project_dir: Path | None = None) -> None:
     # The server's web stack is imported only to serve: the data verbs stay light.
     from .server import ServerConfig, ServerError, serve
 
@@ -93,7 +94,10 @@ def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: boo
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    config = ServerConfig(state_dir(state), _broker_url(), host, port, dispatcher)
+    # boto's own INFO lines (credentials found, ...) would drown the manager's.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    config = ServerConfig(state_dir(state), _broker_url(), host, port, dispatcher, stack,
+                          project_dir)
     try:
         serve(config, banner=banner)
     except ServerError as exc:
@@ -106,10 +110,26 @@ def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: boo
               help="Address to bind; anything but loopback requires STREAMBOSS_TOKEN.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
 @click.option("--dispatcher", type=click.Choice(["local", "aws"]), default="local",
-              show_default=True, help="Where agents run.")
-def manager(state_dir: str | None, host: str, port: int, dispatcher: str) -> None:
-    """Run the stream manager: HTTP API, reconciler and dispatcher."""
-    _serve(state_dir, host, port, dispatcher, banner=False)
+              show_default=True,
+              help="Where agents run: local processes, or the Pulumi stack's autoscaling groups.")
+@click.option("--stack", metavar="ORG/PROJECT/STACK",
+              help="The Pulumi stack the aws dispatcher updates (required with aws).")
+@click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The directory holding Pulumi.yaml [the checkout's root].")
+def manager(state_dir: str | None, host: str, port: int, dispatcher: str, stack: str | None,
+            project_dir: Path | None) -> None:
+    """Run the stream manager: HTTP API, reconciler and dispatcher.
+
+    With --dispatcher aws, declaration changes update the Pulumi stack (preview,
+    then up, through the Automation API; needs the Pulumi CLI) and the scaling
+    metrics go to CloudWatch (credentials and region from the usual AWS chain).
+    """
+    if dispatcher == "aws" and not stack:
+        raise click.UsageError("--dispatcher aws needs --stack ORG/PROJECT/STACK")
+    if dispatcher != "aws" and (stack or project_dir):
+        raise click.UsageError("--stack and --project-dir apply only to --dispatcher aws")
+    _serve(state_dir, host, port, dispatcher, banner=False, stack=stack,
+           project_dir=project_dir)
 
 
 @cli.command()
@@ -273,6 +293,8 @@ def status(fmt: str) -> None:
     if not result.get("demand_observed"):
         click.echo("demand: management API unavailable; every operation counts as wanted",
                    err=True)
+    if result.get("stack"):
+        _stack_lines(result["stack"], result.get("cloud") or {})
     def rate(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}/s"
 
@@ -287,6 +309,28 @@ def status(fmt: str) -> None:
                  else "stopped", "backlog": "-" if a["backlog"] is None else a["backlog"]}
                 for a in result["archives"]],
                ["stream", "state", "archiver", "backlog", "restarts", "store"])
+
+
+def _stack_lines(stack: dict[str, Any], cloud: dict[str, Any]) -> None:
+    """The aws dispatcher's state in a line or two (errors on stderr)."""
+    line = f"stack {stack['stack']}: {stack['state']}"
+    if stack.get("next_attempt_in") is not None and stack["state"] in ("waiting", "failed"):
+        line += f" (next attempt in {stack['next_attempt_in']:.0f}s)"
+    last = stack.get("last_result")
+    if last:
+        changes = (last.get("summary") or {}).get("update", {}).get("changes") or {}
+        counted = ", ".join(f"{n} {op}" for op, n in changes.items() if op != "same")
+        line += (f"; last update {last['outcome']} at {last['finished_at']}"
+                 + (f" ({counted})" if counted else ""))
+    click.echo(line)
+    if stack.get("last_error"):
+        click.echo(f"stack: {stack['last_error']}", err=True)
+    groups = cloud.get("agent_groups") or {}
+    if groups.get("error"):
+        click.echo(f"agent groups: {groups['error']} (agent counts unknown)", err=True)
+    metrics = cloud.get("metrics") or {}
+    if metrics.get("error"):
+        click.echo(f"metrics: {metrics['error']}", err=True)
 
 
 @cli.command()

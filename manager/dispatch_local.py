@@ -17,9 +17,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from streamboss.agent.config import BROKER_URL_ENV, OBJECT_STORE_ENV
 
@@ -217,6 +218,9 @@ class LocalDispatcher:
             if not agent.draining:
                 agent.draining = True
                 agent.process.send_signal(signal.SIGTERM)
+
+    def report(self, statuses: Mapping[str, Any]) -> None:
+        """Nothing to do: local agents are scaled by :meth:`scale` alone."""
 
     def reap(self) -> None:
         """Collect exited agents; a crash (not a drain) delays the next start with backoff."""

@@ -38,6 +38,9 @@ class Dispatcher(Protocol):
     def status(self, operation: str) -> dict[str, int]: ...
     def forget(self, operation: str) -> None: ...
     def reap(self) -> None: ...
+    # End of a pass: what it observed, by operation (the AWS dispatcher turns it
+    # into its stack config and scaling metrics; the local one needs nothing).
+    def report(self, statuses: dict[str, OperationStatus]) -> None: ...
 
 
 @dataclass
@@ -198,6 +201,7 @@ class Reconciler:
                 self._retiring.add(gone)
             self._retire(names)
             self.status = status
+            self.dispatcher.report(status)
             self.archive_status = {a.stream: self._run_archive(a)
                                    for a in self.store.archives()}
 

@@ -20,8 +20,10 @@ from streamboss.agent.config import redact
 from .api import Manager, create_app
 from .broker import Broker
 from .client import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
+from .dispatch_aws import AwsDispatcher
 from .dispatch_local import LocalDispatcher
 from .paths import archives_dir, objects_dir
+from .pulumi_stack import PulumiStack, PulumiUnavailable, check_stack_name, default_project_dir
 from .reconciler import Reconciler
 from .store import Store
 
@@ -42,6 +44,10 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     dispatcher: str = "local"
+    # The Pulumi stack (ORG/PROJECT/STACK) and the directory holding Pulumi.yaml,
+    # for the aws dispatcher only.
+    stack: str | None = None
+    project_dir: Path | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -104,27 +110,51 @@ def lock_state_dir(state_dir: Path) -> TextIO:
     return handle
 
 
+def aws_stack(config: ServerConfig) -> PulumiStack:
+    """The stack the aws dispatcher updates, checked: CLI, SDK, stack name, program.
+
+    Raises:
+        ServerError: no --stack, a malformed one, no Pulumi CLI or SDK, no Pulumi.yaml.
+    """
+    if not config.stack:
+        raise ServerError("--dispatcher aws needs --stack ORG/PROJECT/STACK")
+    try:
+        stack = PulumiStack(check_stack_name(config.stack),
+                            config.project_dir or default_project_dir())
+        stack.check()
+    except (PulumiUnavailable, ValueError) as exc:
+        raise ServerError(str(exc)) from None
+    return stack
+
+
 def serve(config: ServerConfig, banner: bool = False) -> None:
     """Run the manager in the foreground until SIGINT/SIGTERM; stop every agent it started.
 
     Raises:
-        ServerError: bad bind, busy port, or an unknown dispatcher.
+        ServerError: bad bind, busy port, an unknown dispatcher, or (aws) a stack
+            that cannot be updated from here (see :func:`aws_stack`).
     """
-    if config.dispatcher != "local":
-        raise ServerError(f"dispatcher {config.dispatcher!r} is not available in this version: "
-                          "use --dispatcher local")
+    # Before anything binds, locks or starts: a manager that cannot update its
+    # stack must say so now, not in a log line minutes later.
+    stack = aws_stack(config) if config.dispatcher == "aws" else None
+    if config.dispatcher not in ("local", "aws"):
+        raise ServerError(f"unknown dispatcher {config.dispatcher!r}: use local or aws")
     token = token_for(config.host)
     check_port_free(config.host, config.port)
     lock = lock_state_dir(config.state_dir)
     store = Store(config.state_dir)
-    dispatcher = LocalDispatcher(config.state_dir, config.broker_url)
+    local = LocalDispatcher(config.state_dir, config.broker_url)
+    dispatcher: LocalDispatcher | AwsDispatcher = local
+    if stack is not None:
+        dispatcher = AwsDispatcher(store, stack, local)
     replaced = dispatcher.replace_previous()
     if replaced:
         log.info("stopped %d agent(s) left by a previous manager", replaced)
     reconciler = Reconciler(store, Broker(config.broker_url), dispatcher)
     archive_store = os.environ.get(ARCHIVE_STORE_ENV) or f"file://{archives_dir(config.state_dir)}"
     manager = Manager(store, Broker(config.broker_url), reconciler, token, config.dispatcher,
-                      archive_store)
+                      archive_store,
+                      dispatcher.describe if isinstance(dispatcher, AwsDispatcher) else None)
     app = create_app(manager)
     url = f"http://{config.host}:{config.port}"
     if banner:
@@ -145,6 +175,10 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
         # runs, orphaning every agent: turn it into an exit that drains them first.
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        if isinstance(dispatcher, AwsDispatcher):
+            dispatcher.start()
+            log.info("dispatching to the Pulumi stack %s (program in %s)", stack.name,
+                     stack.project_dir)
         reconciler.start()
         uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
                     access_log=False)
