@@ -10,8 +10,10 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ from streamboss.manager.reconciler import OperationStatus, Reconciler, dead_queu
 from streamboss.manager.stack_config import CONFIG_KEY, operations_config, render
 from streamboss.manager.store import Store
 
-from .conftest import MANAGER, ROOT, free_port, op_queue, stream_exchange
+from .conftest import MANAGER, MOTO_ENV, ROOT, free_port, op_queue, stream_exchange
 
 REGION = "us-east-1"
 
@@ -757,3 +759,118 @@ def test_manager_aws_without_stack_is_a_usage_error():
     assert result.stderr.splitlines() == [
         "streamboss manager: error: --dispatcher aws needs --stack ORG/PROJECT/STACK"]
 
+
+
+# -- a real aws manager: the real Automation API against a stand-in CLI, AWS on moto server --------
+
+FAKE_PULUMI = """#!{python}
+import json, os, sys
+argv = sys.argv[1:]
+# The Automation API puts global flags (--non-interactive) before the command.
+args = argv[1:] if argv[:1] == ["--non-interactive"] else argv
+with open(os.environ["FAKE_PULUMI_LOG"], "a") as log:
+    log.write(json.dumps({{"argv": argv, "cwd": os.getcwd()}}) + "\\n")
+if args == ["version"]:
+    print("v3.272.0")
+elif args[:2] not in (["stack", "select"], ["config", "set"]):
+    print("error: the tests' stand-in for the Pulumi CLI cannot " + args[0], file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_a_real_aws_manager_drives_the_automation_api_and_publishes_to_cloudwatch(
+        tmp_path: Path, broker_url: str, moto_server, managers):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    cli_path = bin_dir / "pulumi"
+    cli_path.write_text(FAKE_PULUMI.format(python=sys.executable))
+    cli_path.chmod(0o755)
+    calls = tmp_path / "pulumi-calls.jsonl"
+    stack_name = f"acme/streamboss/t{uuid.uuid4().hex[:8]}"
+    operation, source, sink = managers.name("op"), managers.name("in"), managers.name("out")
+    aws = {**MOTO_ENV, "AWS_ENDPOINT_URL": moto_server.endpoint}
+    def client(service: str) -> Any:
+        return boto3.client(service, endpoint_url=moto_server.endpoint, region_name=REGION,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    autoscaling, ec2 = client("autoscaling"), client("ec2")
+    template = f"agents-{uuid.uuid4().hex[:8]}"
+    ec2.create_launch_template(LaunchTemplateName=template, LaunchTemplateData={
+        "ImageId": "ami-12c6146b", "InstanceType": "t3.small"})
+    autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName=f"agents-{operation}-asg", MinSize=0, MaxSize=4, DesiredCapacity=2,
+        LaunchTemplate={"LaunchTemplateName": template, "Version": "$Latest"},
+        AvailabilityZones=[f"{REGION}a"],
+        Tags=[{"Key": "streamboss:stack", "Value": stack_name.rsplit("/", 1)[1],
+               "PropagateAtLaunch": True},
+              {"Key": "streamboss:operation", "Value": operation, "PropagateAtLaunch": True}])
+
+    manager = managers.new()
+    manager.extra_env.update({**aws, "FAKE_PULUMI_LOG": str(calls),
+                              "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    log = manager.log_path.open("ab")
+    proc = subprocess.Popen(
+        [*MANAGER, "manager", "--dispatcher", "aws", "--stack", stack_name, "--port",
+         str(manager.port), "--state-dir", str(manager.state_dir)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=manager.env(), cwd=tmp_path)
+    manager.proc = proc
+    try:
+        manager.wait_healthy()
+        seed = tmp_path / "upper.json"
+        seed.write_text(json.dumps({"definition": {"exec": "tr a-z A-Z", "name": "upper"}}))
+        definition = manager.ok("define-process", str(seed)).strip()
+        manager.ok("create-stream", source)
+        manager.ok("create-operation", operation, definition, source, sink, "--max", "4")
+
+        def stack_failed_with_these_declarations() -> dict[str, Any] | None:
+            stack = manager.status()["stack"]
+            last = stack["last_result"] or {}
+            return stack if (stack["state"] == FAILED and last.get("config_sha256")
+                             == stack["wanted_config_sha256"]) else None
+
+        stack = wait_for_value(stack_failed_with_these_declarations, 30)
+        assert stack["last_error"] == (
+            "preview failed: error: the tests' stand-in for the Pulumi CLI cannot preview")
+        # The real Automation API ran the CLI in the project directory, in this order.
+        ran = [json.loads(line) for line in calls.read_text().splitlines()]
+        ran = [entry for entry in ran if entry["argv"] != ["version"]]
+        assert {entry["cwd"] for entry in ran} == {str(ROOT)}
+        commands = [entry["argv"] for entry in ran]
+        text = commands[-2][-1]
+        assert commands[-3:-1] == [
+            ["--non-interactive", "stack", "select", "--stack", stack_name],
+            ["config", "set", "streamboss:operations", "--plaintext", "--stack", stack_name,
+             "--non-interactive", "--", text]]
+        assert commands[-1][:2] == ["--non-interactive", "preview"]
+        assert [s.name for s in parse_operations(json.loads(text))] == [operation]
+
+        # Agent counts from the group; the metrics in CloudWatch (moto server).
+        manager.wait_status(operation, lambda s: s["running"] == 2, 30, "2 agents from the ASG")
+        cloudwatch = client("cloudwatch")
+        dims = [{"Name": "Operation", "Value": operation}]
+
+        def published() -> set[str] | None:
+            names = {m["MetricName"] for m in cloudwatch.list_metrics(
+                Namespace="streamboss", Dimensions=dims)["Metrics"]}
+            return names if names == {"Backlog", "Wanted", "BacklogPerAgent"} else None
+
+        wait_for_value(published, 30)
+        shown = manager.cli("status")
+        assert shown.returncode == 0, shown.stderr
+        assert f"stack {stack_name}: failed" in shown.stdout
+        assert "stack: preview failed: error: the tests' stand-in" in shown.stderr
+    finally:
+        code = manager.stop()
+        log.close()
+    assert code == 0, manager.log()
+    assert "Traceback" not in manager.log()
+
+
+def wait_for_value(produce: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = produce()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
