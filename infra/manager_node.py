@@ -31,12 +31,16 @@ STATE_VOLUME_TYPE = "gp3"
 
 
 def manager_policy(secret_arns: list[str], archive_arn: str) -> str:
-    """The manager role's only policy: its secrets, its metrics, the archive bucket."""
+    """The manager role's only policy: its secrets, its metrics, reading the agent groups,
+    the archive bucket."""
     return policy_document([
         statement("ReadSecrets", ["ssm:GetParameter"], secret_arns),
         # PutMetricData has no resource-level ARNs: the namespace condition is the scope.
         statement("PublishScalingMetrics", ["cloudwatch:PutMetricData"], ["*"],
                   {"StringEquals": {"cloudwatch:namespace": metrics.NAMESPACE}}),
+        # The AWS dispatcher's agent counts (``manager/dispatch_aws.py``). Describe
+        # calls have no resource-level ARNs; this one only reads.
+        statement("DescribeAgentGroups", ["autoscaling:DescribeAutoScalingGroups"], ["*"]),
         statement("ReadWriteArchive",
                   ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
                   [f"{archive_arn}/*"]),
