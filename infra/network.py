@@ -22,8 +22,9 @@ ZONE_COUNT = 2
 # zone or public subnets later without renumbering.
 SUBNET_EXTRA_BITS = 4
 # The AWS APIs the nodes call besides S3 (a free gateway endpoint): agents and
-# the manager read the broker secret from SSM, the manager publishes metrics.
-INTERFACE_ENDPOINT_SERVICES = ("ssm", "monitoring")
+# the manager read the broker secret from SSM, the manager publishes metrics
+# (monitoring) and reads the agent groups' sizes (autoscaling).
+INTERFACE_ENDPOINT_SERVICES = ("ssm", "monitoring", "autoscaling")
 HTTPS_PORT = 443
 
 

@@ -85,7 +85,8 @@ def test_a_new_network_is_private_subnets_in_two_zones(stack):
                  for e in stack.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")}
     assert endpoints == {"com.amazonaws.eu-west-1.s3": "Gateway",
                          "com.amazonaws.eu-west-1.ssm": "Interface",
-                         "com.amazonaws.eu-west-1.monitoring": "Interface"}
+                         "com.amazonaws.eu-west-1.monitoring": "Interface",
+                         "com.amazonaws.eu-west-1.autoscaling": "Interface"}
 
 
 def test_configured_zones_are_used(stack):
