@@ -381,7 +381,6 @@ class AwsDispatcher:
         short_name = driver.name.rsplit("/", 1)[-1]
         self.groups = groups or AgentGroups(short_name, _client("autoscaling"))
         self.metrics = metrics or MetricsPublisher()
-        self.decided: dict[str, int] = {}
         # Deleted operations and when: their queue goes only once a describe made
         # after the deletion shows no agents (see status()).
         self._forgotten: dict[str, float] = {}
@@ -394,8 +393,11 @@ class AwsDispatcher:
     # -- the reconciler's Dispatcher protocol ---------------------------------------------
 
     def scale(self, operation: Operation, definition: Definition, count: int) -> None:
-        """Record the count the manager decided; the group's policies do the scaling."""
-        self.decided[operation.name] = count
+        """Nothing to start: the group's policies do the scaling, on the metrics.
+
+        The count the manager decided stays in the reconciler's status (``desired``);
+        a re-declared operation is no longer a deleted one.
+        """
         self._forgotten.pop(operation.name, None)
 
     def run_archiver(self, archive: Archive, run: bool) -> None:
@@ -423,7 +425,6 @@ class AwsDispatcher:
         return {"running": running, "draining": draining, "restarts": 0}
 
     def forget(self, operation: str) -> None:
-        self.decided.pop(operation, None)
         if operation.startswith(ARCHIVER_PREFIX):
             self.local.forget(operation)
         else:

@@ -175,7 +175,7 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
         # runs, orphaning every agent: turn it into an exit that drains them first.
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        if isinstance(dispatcher, AwsDispatcher):
+        if isinstance(dispatcher, AwsDispatcher) and stack is not None:
             dispatcher.start()
             log.info("dispatching to the Pulumi stack %s (program in %s)", stack.name,
                      stack.project_dir)
