@@ -70,7 +70,8 @@ def test_a_new_network_is_private_subnets_in_two_zones(stack):
 
     (vpc,) = stack.of_type("aws:ec2/vpc:Vpc")
     assert vpc.inputs["cidrBlock"] == "10.40.0.0/16"
-    declared = stack.of_type("aws:ec2/subnet:Subnet")
+    # The mocks record resources as their registrations complete, in no fixed order.
+    declared = sorted(stack.of_type("aws:ec2/subnet:Subnet"), key=lambda s: s.name)
     assert subnets == [s.name + "-id" for s in declared]
     assert [s.inputs["cidrBlock"] for s in declared] == ["10.40.0.0/20", "10.40.16.0/20"]
     assert [s.inputs["availabilityZone"] for s in declared] == ZONES[:2]
@@ -92,7 +93,7 @@ def test_a_new_network_is_private_subnets_in_two_zones(stack):
 def test_configured_zones_are_used(stack):
     stack.run(lambda: Network("net", NetworkArgs(vpc_cidr="10.1.0.0/24",
                                                  availability_zones=("z-b", "z-c"))).vpc_id)
-    declared = stack.of_type("aws:ec2/subnet:Subnet")
+    declared = sorted(stack.of_type("aws:ec2/subnet:Subnet"), key=lambda s: s.name)
     assert [s.inputs["availabilityZone"] for s in declared] == ["z-b", "z-c"]
     assert [s.inputs["cidrBlock"] for s in declared] == ["10.1.0.0/28", "10.1.0.16/28"]
 
