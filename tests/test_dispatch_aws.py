@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ import boto3
 import pika
 import pytest
 from click.testing import CliRunner
-from fastapi.testclient import TestClient
 from moto import mock_aws
 from pulumi.automation import OpType
 from pulumi.automation._cmd import CommandResult
@@ -683,6 +683,16 @@ def test_a_reconciler_pass_declares_topology_offers_the_config_and_publishes_met
 # -- the API and the CLI show the stack's state ----------------------------------------------------
 
 
+def status_of(manager: Manager) -> dict[str, Any]:
+    """``GET /v1/status`` of ``manager``, in process."""
+    with warnings.catch_warnings():
+        # Starlette deprecates its httpx-based test client as it loads (a UserWarning
+        # subclass); it still works.
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    return TestClient(create_app(manager)).get("/v1/status").json()
+
+
 def test_status_api_and_cli_show_the_stack_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     store = Store(tmp_path / "state")
     clock = Clock()
@@ -697,7 +707,7 @@ def test_status_api_and_cli_show_the_stack_update(tmp_path: Path, monkeypatch: p
         dispatcher.updater.run_due()
         manager = Manager(store, Broker("amqp://guest:guest@127.0.0.1:1/"), None, None, "aws", "",
                           dispatcher.describe)
-        body = TestClient(create_app(manager)).get("/v1/status").json()
+        body = status_of(manager)
     finally:
         store.close()
     stack = body["stack"]
@@ -722,7 +732,7 @@ def test_the_local_dispatchers_status_has_no_stack(tmp_path: Path):
     store = Store(tmp_path / "state")
     try:
         manager = Manager(store, Broker("amqp://guest:guest@127.0.0.1:1/"), None, None)
-        body = TestClient(create_app(manager)).get("/v1/status").json()
+        body = status_of(manager)
     finally:
         store.close()
     assert body["stack"] is None and body["cloud"] is None
