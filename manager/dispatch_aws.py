@@ -195,8 +195,11 @@ class StackUpdater:
                  sha256(text)[:12])
         try:
             summary = self.driver.apply(text, self._set_phase)
-        except (StackError, PulumiUnavailable) as exc:
-            self._finish(text, started, "failed", getattr(exc, "summary", {}), str(exc))
+        except StackError as exc:
+            self._finish(text, started, "failed", {**exc.summary, "failed_in": exc.phase},
+                         str(exc))
+        except PulumiUnavailable as exc:
+            self._finish(text, started, "failed", {}, str(exc))
         except Exception as exc:  # the updater thread must survive anything the API raises
             self._finish(text, started, "failed", {}, f"{type(exc).__name__}: {exc}")
         else:

@@ -715,6 +715,7 @@ def test_status_api_and_cli_show_the_stack_update(tmp_path: Path, monkeypatch: p
     assert stack["stack"] == "acme/streamboss/dev" and stack["state"] == FAILED
     assert stack["last_error"] == "update failed: error: 1 resource failed"
     assert stack["last_result"]["outcome"] == "failed"
+    assert stack["last_result"]["summary"] == {"failed_in": "preview"}
     assert stack["wanted_config_sha256"] == sha256("[]")
     assert set(body["cloud"]) == {"agent_groups", "metrics"}
 
