@@ -1,4 +1,4 @@
-"""What a long-running consumer does when its broker connection goes away.
+"""What a long-running consumer does when it stops or its broker connection goes away.
 
 Shared by the stream agent and the archiver: conditions that retrying cannot
 fix (a bad URL, refused credentials, a missing stream or queue, or any failure
@@ -28,7 +28,8 @@ class Reconnecting:
     """Mixin: call :meth:`after_connection_lost` from the session's ``on_lost``
     once the owner has dropped what the broker took back.
 
-    The owner provides these attributes and :meth:`_finish` (close and stop).
+    The owner provides these attributes; :meth:`_finish` closes the connection
+    once (after :meth:`_before_close`, the owner's own clean-up) and so ends the loop.
     """
 
     program: str
@@ -40,9 +41,22 @@ class Reconnecting:
     _draining: bool
     _stopping: bool
     _reconnect_delay: float
+    _drain_timer: object | None
+
+    def _before_close(self) -> None:
+        """The owner's clean-up when it stops (its children, say)."""
 
     def _finish(self) -> None:
-        raise NotImplementedError
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._drain_timer is not None:
+            self.ioloop.remove_timeout(self._drain_timer)
+        self._before_close()
+        if self.session.connection is not None:
+            self.session.close()
+        else:
+            self.ioloop.stop()
 
     def after_connection_lost(self, reason: str, fatal: bool) -> None:
         if self._stopping:

@@ -136,17 +136,8 @@ class Agent(Reconnecting):
                     self.label, self.config.drain_timeout, self.acker.outstanding)
         self._finish()
 
-    def _finish(self) -> None:
-        if self._stopping:
-            return
-        self._stopping = True
-        if self._drain_timer is not None:
-            self.ioloop.remove_timeout(self._drain_timer)
+    def _before_close(self) -> None:
         self.runner.stop()
-        if self.session.connection is not None:
-            self.session.close()
-        else:
-            self.ioloop.stop()
 
     # -- broker events --------------------------------------------------------
 

@@ -172,17 +172,6 @@ class Archiver(Reconnecting):
                      self.stored_segments, self.stored_records)
             self._finish()
 
-    def _finish(self) -> None:
-        if self._stopping:
-            return
-        self._stopping = True
-        if self._drain_timer is not None:
-            self.ioloop.remove_timeout(self._drain_timer)
-        if self.session.connection is not None:
-            self.session.close()
-        else:
-            self.ioloop.stop()
-
     # -- broker events ------------------------------------------------------------
 
     def _on_ready(self) -> None:
