@@ -11,35 +11,24 @@ import signal
 from pathlib import Path
 
 import pika
-import pytest
 
 from streamboss.agent import archive
 
 from .conftest import (
     Broker,
-    ManagerPool,
     ManagerProcess,
     agent_pids,
     archiver_pids,
     stream_exchange,
     wait_until,
 )
+from .module_manager import manager_names, module_manager  # noqa: F401 (fixtures)
 
 # 2026-01-01T00:00:00Z; every test message n is produced at BASE + n * STEP.
 BASE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).timestamp()
 STEP = 0.01
 # Bounds that keep a broken archiver from hanging the suite; they are not speed claims.
 ARCHIVE_TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def manager(module_managers: ManagerPool) -> ManagerProcess:
-    return module_managers.start()
-
-
-@pytest.fixture
-def names(module_managers: ManagerPool):
-    return module_managers.name
 
 
 def rfc3339(ts: float) -> str:

@@ -16,13 +16,13 @@ import pika
 import pytest
 
 from .conftest import (
-    ManagerPool,
     ManagerProcess,
     StreamFollower,
     agent_pids,
     stream_exchange,
     wait_until,
 )
+from .module_manager import manager_names, module_manager  # noqa: F401 (fixtures)
 
 # What the issue promises: an agent within 2 s of a consumer attaching.
 WAKE_PROMISE = 2.0
@@ -35,16 +35,6 @@ SETTLE_TIMEOUT = 20.0
 BACKLOG = 20_000
 # The management API's counters trail the queue by a few seconds (more on a busy machine).
 STATISTICS_TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def manager(module_managers: ManagerPool) -> ManagerProcess:
-    return module_managers.start()
-
-
-@pytest.fixture
-def names(module_managers: ManagerPool):
-    return module_managers.name
 
 
 def define(manager: ManagerProcess, tmp_path: Path, name: str, body: dict) -> str:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from .conftest import (
-    ManagerPool,
     ManagerProcess,
     agent_pids,
     free_port,
@@ -19,20 +18,11 @@ from .conftest import (
     stream_exchange,
     wait_until,
 )
+from .module_manager import manager_names, module_manager  # noqa: F401 (fixtures)
 
 SEED = {"definition": {"exec": "tr [a-z] [A-Z]", "application": "x", "name": "upper"}}
 # The documented exit status of a refused command.
 EXIT_ERROR = 2
-
-
-@pytest.fixture(scope="module")
-def manager(module_managers: ManagerPool) -> ManagerProcess:
-    return module_managers.start()
-
-
-@pytest.fixture
-def names(module_managers: ManagerPool):
-    return module_managers.name
 
 
 @pytest.fixture(scope="module")

@@ -8,33 +8,22 @@ import subprocess
 from pathlib import Path
 
 import httpx
-import pytest
 
 from .conftest import (
     PYTHON,
     TOOLS,
-    ManagerPool,
     ManagerProcess,
     agent_pids,
     op_queue,
     stream_exchange,
     wait_until,
 )
+from .module_manager import manager_names, module_manager  # noqa: F401 (fixtures)
 
 SEED = {"definition": {"exec": "tr [a-z] [A-Z]", "application": "x", "name": "upper"}}
 # Generous bounds for a loaded 2-core machine; none of them is a speed claim.
 WAKE_TIMEOUT = 20.0
 CONSUME_TIMEOUT = 30.0
-
-
-@pytest.fixture(scope="module")
-def manager(module_managers: ManagerPool) -> ManagerProcess:
-    return module_managers.start()
-
-
-@pytest.fixture
-def names(module_managers: ManagerPool):
-    return module_managers.name
 
 
 def consumer(manager: ManagerProcess, *args: str) -> subprocess.Popen[str]:

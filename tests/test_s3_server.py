@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import Broker, ManagerPool, ManagerProcess, MotoServer, wait_until
+from .module_manager import manager_names  # noqa: F401 (fixture)
 from .test_archive_replay import BASE, STEP, one_line_error, publish_numbered, rfc3339
 from .test_claim_check import write_random
 
@@ -23,11 +24,6 @@ def manager(module_managers: ManagerPool, moto_server: MotoServer) -> ManagerPro
     manager = module_managers.new()
     manager.extra_env = moto_server.env
     return manager.start()
-
-
-@pytest.fixture
-def names(module_managers: ManagerPool):
-    return module_managers.name
 
 
 def test_stream_file_to_s3_into_a_managed_sha256sum_operation(
