@@ -1,0 +1,311 @@
+"""Ansible for real: site.yml converges the test host as a stream-agent node, the unit it
+wrote passes systemd's checks and its own command transforms messages from the real
+broker, and upgrade-agents.yml drains it with SIGTERM without losing a message."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.user_data import AGENT_SERVICE, agent_user_data
+from tests.conftest import wait_until
+
+from .conftest import (
+    BROKER_URL,
+    SERVICE_USER,
+    Node,
+    connection_vars,
+    node_paths,
+    read_env_file,
+    read_unit,
+    run_playbook,
+    start_as_unit,
+    terminate,
+    write_inventory,
+)
+
+pytestmark = pytest.mark.appliance
+
+# systemd-analyze security's score: 0 (locked down) .. 10 (exposed); "OK" is below 2.
+MAX_EXPOSURE = 2.0
+READY = 30.0
+
+
+def test_site_converges_a_stream_agent_node_and_a_second_run_changes_nothing(
+        converged: Node, ansible_env):
+    first = converged.runs[0]
+    assert first.recap()["agent-1"]["failed"] == 0
+    assert first.recap()["agent-1"]["changed"] > 0
+    second = run_playbook(ansible_env, "site.yml", converged.inventory)
+    assert second.returncode == 0, second.explain()
+    assert second.recap()["agent-1"]["changed"] == 0, second.changed_tasks()
+    print(f"site.yml: first run {first.seconds:.1f}s, second {second.seconds:.1f}s")
+
+
+def test_the_node_has_what_the_roles_promise(converged: Node, tmp_path):
+    prefix = converged.prefix
+    user = pwd.getpwnam(SERVICE_USER)
+    assert user.pw_shell == "/usr/sbin/nologin"
+    assert user.pw_uid < 1000, "a system user"
+    for name in ("agent.json", "agent.env"):
+        info = (converged.config_dir / name).stat()
+        assert (info.st_mode & 0o777, info.st_uid) == (0o600, user.pw_uid), name
+    config = json.loads((converged.config_dir / "agent.json").read_text())
+    assert config == {"operation": {"name": converged.operation, "input": converged.input,
+                                    "output": converged.output},
+                      "definition": {"exec": "tr a-z A-Z", "name": "upper"}}
+    assert read_env_file(converged.config_dir / "agent.env") == {
+        "STREAMBOSS_BROKER_URL": BROKER_URL}
+    venv = converged.venv
+    assert (venv / "bin/stream-agent").exists()
+    assert (venv / "bin/streamboss-env").stat().st_mode & 0o777 == 0o755
+    assert venv.stat().st_uid == 0, "the service user cannot change its own code"
+    sshd = (prefix / "etc/ssh/sshd_config.d/10-streamboss-hardening.conf").read_text()
+    assert "PasswordAuthentication no" in sshd and "PermitRootLogin no" in sshd
+    check = subprocess.run(["/usr/sbin/sshd", "-t", "-f",
+                            str(prefix / "etc/ssh/sshd_config.d/10-streamboss-hardening.conf")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    journald = (prefix / "etc/systemd/journald.conf.d/streamboss.conf").read_text()
+    assert "SystemMaxUse=512M" in journald
+    assert "NTP=169.254.169.123" in (
+        prefix / "etc/systemd/timesyncd.conf.d/streamboss.conf").read_text()
+    # apt reads the snippets in order: after the package's own 50unattended-upgrades (which
+    # allows all of stable), ours #clears the list and allows only the security archive.
+    apt_dir = prefix / "etc/apt/apt.conf.d"
+    parts = tmp_path / "apt.conf.d"
+    parts.mkdir()
+    for source in [Path("/etc/apt/apt.conf.d/50unattended-upgrades"), *apt_dir.iterdir()]:
+        (parts / source.name).write_text(source.read_text())
+    (tmp_path / "apt.conf").write_text(f'Dir::Etc::Parts "{parts}/";\n')
+    merged = subprocess.run(["apt-config", "dump", "Unattended-Upgrade::Origins-Pattern"],
+                            env={**os.environ, "APT_CONFIG": str(tmp_path / "apt.conf")},
+                            capture_output=True, text=True, check=True)
+    origins = re.findall(r'Origins-Pattern:: "(.*)";', merged.stdout)
+    assert origins and all("label=Debian-Security" in o for o in origins), merged.stdout
+    assert 'APT::Periodic::Unattended-Upgrade "1"' in (apt_dir / "20auto-upgrades").read_text()
+
+
+def test_the_unit_passes_systemd_analyze_verify_and_is_sandboxed(converged: Node):
+    unit = converged.unit
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)],
+                            capture_output=True, text=True)
+    ours = [line for line in (verify.stdout + verify.stderr).splitlines() if unit.name in line]
+    assert verify.returncode == 0 and not ours, verify.stdout + verify.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                              capture_output=True, text=True)
+    match = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
+    assert match, security.stdout + security.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE, security.stdout
+    keys = read_unit(unit).keys
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
+                       "PrivateTmp": "yes", "ProtectHome": "yes", "KillSignal": "SIGTERM",
+                       "KillMode": "mixed", "TimeoutStopSec": "35", "User": SERVICE_USER}.items():
+        assert keys[key] == [value], key
+    assert "--drain-timeout 20" in keys["ExecStart"][0]
+    assert "guest" not in keys["ExecStart"][0], "no credentials in argv"
+
+
+def _wait_for_consumer(broker, operation: str) -> None:
+    queue = f"sb.op.{operation}"
+    wait_until(lambda: broker.queue_depth(queue) is not None
+               and broker.queue_consumers(queue) >= 1, READY, f"a consumer on {queue}")
+
+
+def _uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+
+
+def _streams(broker, node: Node):
+    broker.create_stream(node.input)
+    broker.create_stream(node.output)
+    broker.forget_operation(node.operation)
+    return broker.capture(node.output)
+
+
+def test_the_units_own_command_run_as_its_user_transforms_messages(
+        converged: Node, broker, tmp_path):
+    unit = read_unit(converged.unit)
+    capture = _streams(broker, converged)
+    agent = start_as_unit(unit, tmp_path / "agent.log")
+    try:
+        _wait_for_consumer(broker, converged.operation)
+        assert _uid_of(agent.pid) == pwd.getpwnam(SERVICE_USER).pw_uid
+        bodies = [f"message {i} from the real broker".encode() for i in range(20)]
+        broker.publish(converged.input, bodies)
+        got = capture.collect(len(bodies))
+    finally:
+        code = terminate(agent)
+    assert sorted(m.body for m in got) == sorted(b.upper() for b in bodies)
+    assert code == 0, (tmp_path / "agent.log").read_text()
+    assert broker.queue_depth(f"sb.op.{converged.operation}") == 0, "nothing left unacked"
+
+
+def test_the_unit_honours_the_pulumi_user_data_contract(
+        converged: Node, broker, moto_server, tmp_path):
+    """The files the Pulumi program's user data writes (a 0644 agent.json, an agent.env that
+    only *names* the SSM parameter) are enough: streamboss-env reads the broker URL from
+    SSM (moto here) with the node's credentials, and the agent runs the operation."""
+    import boto3
+
+    parameter = f"/streamboss/test-{converged.operation}/broker-url"
+    ssm = boto3.client("ssm", endpoint_url=moto_server.endpoint, region_name="eu-west-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    ssm.put_parameter(Name=parameter, Value=BROKER_URL, Type="SecureString")
+    cloud_config = agent_user_data(
+        operation=converged.operation, input_stream=converged.input,
+        output_stream=converged.output, definition={"exec": ["tr", "a-z", "A-Z"]},
+        object_store=f"s3://{moto_server.bucket()}/operations", broker_url_parameter=parameter,
+        region="eu-west-1")
+    document = json.loads(cloud_config.split("\n", 1)[1])
+    assert document["runcmd"] == [["systemctl", "enable", "--now", converged.unit.name]]
+    assert converged.unit.name == AGENT_SERVICE
+    saved = {}
+    for entry in document["write_files"]:
+        target = converged.config_dir / Path(entry["path"]).name
+        saved[target] = (target.read_bytes(), target.stat())
+    try:
+        for entry in document["write_files"]:  # as cloud-init would: root-owned, 0644
+            target = converged.config_dir / Path(entry["path"]).name
+            target.write_text(entry["content"])
+            os.chown(target, 0, 0)
+            target.chmod(int(entry["permissions"], 8))
+        assert "STREAMBOSS_BROKER_URL=" not in (converged.config_dir / "agent.env").read_text()
+        unit = read_unit(converged.unit)
+        capture = _streams(broker, converged)
+        aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_ENDPOINT_URL_SSM": moto_server.endpoint,
+               "STREAMBOSS_S3_ENDPOINT_URL": moto_server.endpoint}
+        agent = start_as_unit(unit, tmp_path / "agent.log", aws)
+        try:
+            _wait_for_consumer(broker, converged.operation)
+            environ = Path(f"/proc/{agent.pid}/environ").read_bytes().split(b"\0")
+            assert f"STREAMBOSS_BROKER_URL={BROKER_URL}".encode() in environ
+            assert not any(BROKER_URL.encode() in arg for arg in
+                           Path(f"/proc/{agent.pid}/cmdline").read_bytes().split(b"\0"))
+            broker.publish(converged.input, [b"user data", b"from pulumi"])
+            got = capture.collect(2)
+        finally:
+            code = terminate(agent)
+        assert sorted(m.body for m in got) == [b"FROM PULUMI", b"USER DATA"]
+        assert code == 0, (tmp_path / "agent.log").read_text()
+    finally:
+        for target, (content, info) in saved.items():
+            target.write_bytes(content)
+            os.chown(target, info.st_uid, info.st_gid)
+            target.chmod(info.st_mode & 0o777)
+
+
+class Publisher(threading.Thread):
+    """Publishes numbered messages onto a stream until stopped (its own connection)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.ids: list[str] = []
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from tests.conftest import Broker
+
+        publisher = Broker(BROKER_URL)
+        try:
+            batch = 0
+            while not self.stop.is_set():
+                ids = [f"up-{batch}-{i}" for i in range(20)]
+                publisher.publish(self.stream, [i.encode() for i in ids], ids=ids)
+                self.ids.extend(ids)
+                batch += 1
+                time.sleep(0.1)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            publisher.connection.close()
+
+
+def test_upgrade_agents_drains_with_sigterm_loses_nothing_and_stops_at_an_unhealthy_node(
+        converged: Node, ansible_env, test_host, workdir: Path, broker, tmp_path):
+    """Three agent nodes, one per batch: agent-1 is the converged node with its agent
+    running and messages arriving; agent-2 shares its code but its broker does not answer;
+    agent-3 is never reached, because agent-2 does not come back healthy."""
+    hosts = {"agent-1": None, "agent-2": None, "agent-3": None}
+    base = json.loads(converged.inventory.read_text())["all"]["children"]["stream_agents"][
+        "hosts"]["agent-1"]
+    hosts["agent-1"] = base
+    for name in ("agent-2", "agent-3"):
+        prefix = workdir / f"upgrade-{name}"
+        prefix.mkdir(mode=0o755, exist_ok=True)
+        paths = node_paths(prefix)
+        hosts[name] = {
+            **base, **connection_vars(test_host),
+            "stream_agent_config_dir": paths["stream_agent_config_dir"],
+            "stream_agent_unit_dir": paths["stream_agent_unit_dir"],
+            # nothing listens there: the agent cannot come back healthy
+            "stream_agent_broker_url": "amqp://guest:guest@127.0.0.1:9/%2F",
+        }
+    inventory = write_inventory(workdir / "upgrade-inventory.yml", {"stream_agents": hosts}, {})
+
+    unit = read_unit(converged.unit)
+    capture = _streams(broker, converged)
+    agent = start_as_unit(unit, tmp_path / "agent.log")
+    reaper = threading.Thread(target=agent.wait, daemon=True)  # systemd would reap it too
+    reaper.start()
+    publisher = Publisher(converged.input)
+    try:
+        _wait_for_consumer(broker, converged.operation)
+        publisher.start()
+        wait_until(lambda: len(publisher.ids) >= 200, READY, "200 messages published")
+        run = run_playbook(ansible_env, "upgrade-agents.yml", inventory, "-e", "upgrade_batch=1")
+    finally:
+        publisher.stop.set()
+        publisher.join(10)
+        if agent.poll() is None:
+            agent.kill()
+        reaper.join(30)
+    assert publisher.error is None, publisher.error
+    log = (tmp_path / "agent.log").read_text()
+    assert agent.returncode == 0, f"the drained agent exited {agent.returncode}\n{log}"
+    assert "SIGTERM received; draining" in log and "drained; exiting" in log, log
+
+    recap = run.recap()
+    assert run.returncode != 0, run.explain()
+    assert recap["agent-1"]["failed"] == 0, run.explain()
+    assert recap["agent-2"]["failed"] == 1, run.explain()
+    assert "agent-3" not in recap or recap["agent-3"]["ok"] == 0, run.explain()
+    assert "[agent-3]" not in run.output, "the play stopped before agent-3's batch"
+    assert any("Drain | Send the agent SIGTERM" in line and "[agent-1]" in line
+               for line in run.changed_tasks()), run.explain()
+    assert re.search(r"fatal: \[agent-2\].*\n(?:.*\n){0,20}?.*cannot reach", run.output), \
+        run.explain()
+
+    # Nothing lost: start the node's agent again; every message published before, during
+    # and after the drain comes out exactly once.
+    restarted = start_as_unit(unit, tmp_path / "agent-again.log")
+    try:
+        published = set(publisher.ids)
+        seen: dict[str, int] = {}
+
+        def all_out() -> bool:
+            for message in capture.collect_until_quiet(quiet=0.5, timeout=5):
+                assert message.body == message.parent.upper().encode()
+                seen[message.parent] = seen.get(message.parent, 0) + 1
+            return published <= set(seen)
+
+        wait_until(all_out, 60, f"outputs of all {len(published)} messages", interval=0)
+    finally:
+        code = terminate(restarted)
+    assert code == 0
+    assert set(seen) == published
+    assert [parent for parent, count in seen.items() if count > 1] == []
+    assert broker.queue_depth(f"sb.op.{converged.operation}") == 0
+    print(f"upgrade-agents.yml: {run.seconds:.1f}s, {len(published)} messages, none lost")
