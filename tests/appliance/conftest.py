@@ -131,7 +131,7 @@ def wheelhouse(workdir: Path, wheels: Path) -> Path:
 
 
 @dataclass
-class TestHost:
+class SshHost:
     """An sshd on 127.0.0.1 that Ansible and Packer log into as root."""
 
     address: str
@@ -211,14 +211,14 @@ def stop(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def test_host(workdir: Path) -> Iterator[TestHost]:
+def test_host(workdir: Path) -> Iterator[SshHost]:
     need_sshd()
     keydir = workdir / "ssh"
     make_keys(keydir)
     port = free_port()
     sshd = start_sshd(keydir, "127.0.0.1", port, "host")
     try:
-        yield TestHost("127.0.0.1", port, keydir / "client", keydir)
+        yield SshHost("127.0.0.1", port, keydir / "client", keydir)
     finally:
         stop(sshd)
 
@@ -357,7 +357,7 @@ def node_paths(prefix: Path) -> dict[str, Any]:
     }
 
 
-def connection_vars(host: TestHost) -> dict[str, Any]:
+def connection_vars(host: SshHost) -> dict[str, Any]:
     return {
         "ansible_host": host.address,
         "ansible_port": host.port,
@@ -386,7 +386,7 @@ def session_names() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def node(workdir: Path, test_host: TestHost, wheels: Path,
+def node(workdir: Path, test_host: SshHost, wheels: Path,
          session_names: dict[str, str]) -> Iterator[Node]:
     """The test host as a stream-agent node (not yet converged): its inventory."""
     prefix = workdir / "node"

@@ -309,3 +309,71 @@ def test_upgrade_agents_drains_with_sigterm_loses_nothing_and_stops_at_an_unheal
     assert [parent for parent, count in seen.items() if count > 1] == []
     assert broker.queue_depth(f"sb.op.{converged.operation}") == 0
     print(f"upgrade-agents.yml: {run.seconds:.1f}s, {len(published)} messages, none lost")
+
+
+def _rabbitmqctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rabbitmqctl", "--quiet", *args], input=stdin, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_rotate_broker_credentials_changes_the_password_and_the_agents_use_the_new_one(
+        converged: Node, ansible_env, test_host, workdir: Path, broker):
+    """Against the machine's own RabbitMQ, with a user of this test only (guest is never
+    touched): the broker play finds the old password stale and sets the new one (on
+    stdin), and the agent node gets the new URL and reaches its queue with it."""
+    if subprocess.run(["which", "rabbitmqctl"], capture_output=True).returncode != 0:
+        pytest.skip("needs rabbitmqctl (the local RabbitMQ's CLI)")
+    user = f"t-rotate-{converged.operation.rsplit('-', 1)[-1]}"
+    old, new = "OldPassword0rotate", "NewPassword1rotate"
+    assert _rabbitmqctl("add_user", user, stdin=old).returncode == 0
+    try:
+        assert _rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*").returncode == 0
+        broker.create_stream(converged.input)
+        broker.declare_operation_queue(converged.operation, converged.input)
+        base = json.loads(converged.inventory.read_text())["all"]["children"]["stream_agents"][
+            "hosts"]["agent-1"]
+        paths = node_paths(workdir / "rotate")
+        agent_vars = {
+            **base, "stream_agent_config_dir": paths["stream_agent_config_dir"],
+            "stream_agent_unit_dir": paths["stream_agent_unit_dir"],
+            "stream_agent_broker_url": f"amqp://{user}:{new}@127.0.0.1:5672/%2F"}
+        broker_vars = {**connection_vars(test_host), "rabbitmq_vhosts": ["/"],
+                       "rabbitmq_remove_guest": False, "rabbitmq_manage_service": False,
+                       "rabbitmq_users": [{"name": user, "password": new}]}
+        inventory = write_inventory(workdir / "rotate-inventory.yml", {
+            "brokers": {"broker-1": broker_vars}, "stream_agents": {"agent-r": agent_vars}}, {})
+        run = run_playbook(ansible_env, "rotate-broker-credentials.yml", inventory)
+        assert run.returncode == 0, run.explain()
+        changed = run.changed_tasks()
+        assert any("Change the passwords that do not match" in line for line in changed), changed
+        assert not any("Create the missing users" in line for line in changed), changed
+        assert new not in run.output and old not in run.output, "passwords are never logged"
+        assert _rabbitmqctl("authenticate_user", user, stdin=old).returncode != 0
+        assert _rabbitmqctl("authenticate_user", user, stdin=new).returncode == 0
+        env = read_env_file(Path(paths["stream_agent_config_dir"]) / "agent.env")
+        assert env["STREAMBOSS_BROKER_URL"] == f"amqp://{user}:{new}@127.0.0.1:5672/%2F"
+        assert re.search(rf"Report the agent's queue.*queue: sb\.op\.{converged.operation}",
+                         run.output, re.S), run.explain()
+    finally:
+        _rabbitmqctl("delete_user", user)
+    users = json.loads(_rabbitmqctl("list_users", "--formatter", "json").stdout)
+    assert "guest" in {u["user"] for u in users}
+
+
+def test_collect_logs_fetches_an_archive_that_holds_no_secret(converged: Node, ansible_env,
+                                                              tmp_path):
+    import tarfile
+
+    run = run_playbook(ansible_env, "collect-logs.yml", converged.inventory,
+                       "-e", f"logs_dir={tmp_path}", "-e", "since='1 hour ago'")
+    assert run.returncode == 0, run.explain()
+    (archive,) = tmp_path.glob("agent-1-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        files = {Path(m.name).name: tar.extractfile(m).read().decode()
+                 for m in tar.getmembers() if m.isfile()}
+    assert {"journal.txt", "status.txt", "versions.txt", "config-files.txt", "agent-check.txt",
+            "stream-agent.service"} <= set(files)
+    assert "streamboss==0.1.0" in files["versions.txt"]
+    assert "agent.env" in files["config-files.txt"]
+    assert f"sb.op.{converged.operation}" in files["agent-check.txt"]
+    assert not any("guest:guest" in text for text in files.values())
