@@ -25,9 +25,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,13 +286,27 @@ class PlaybookRun:
 
 
 def run_playbook(env: dict[str, str], playbook: str, inventory: Path, *args: str,
-                 timeout: float = PLAYBOOK_TIMEOUT) -> PlaybookRun:
+                 timeout: float = PLAYBOOK_TIMEOUT,
+                 on_line: Callable[[str], None] | None = None) -> PlaybookRun:
+    """Run a playbook from ansible/; ``on_line`` sees each output line as it is printed."""
     argv = ["-i", str(inventory), playbook, *args]
     started = time.monotonic()
-    result = subprocess.run([str(VENV_BIN / "ansible-playbook"), *argv], cwd=ANSIBLE_DIR,
-                            env=env, capture_output=True, text=True, timeout=timeout)
-    return PlaybookRun(argv, result.returncode, result.stdout + result.stderr,
-                       time.monotonic() - started)
+    process = subprocess.Popen([str(VENV_BIN / "ansible-playbook"), *argv], cwd=ANSIBLE_DIR,
+                               env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    timer = threading.Timer(timeout, process.kill)
+    timer.start()
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if on_line is not None:
+                on_line(line)
+        process.wait()
+    finally:
+        timer.cancel()
+        process.stdout.close()
+    return PlaybookRun(argv, process.returncode, "".join(lines), time.monotonic() - started)
 
 
 # -- the node: what site.yml makes of the test host --------------------------------------
@@ -299,13 +314,16 @@ def run_playbook(env: dict[str, str], playbook: str, inventory: Path, *args: str
 
 @dataclass
 class Node:
-    """A stream-agent node converged under ``prefix`` on the test host."""
+    """The test host converged under ``prefix`` as a stream-agent node that also runs the
+    stream manager (one host in both groups, as a small deployment would be)."""
 
     prefix: Path
     inventory: Path
     operation: str
     input: str
     output: str
+    manager_port: int
+    manager_token: str
     user: str = SERVICE_USER
     runs: list[PlaybookRun] = field(default_factory=list)
 
@@ -324,6 +342,14 @@ class Node:
     @property
     def unit(self) -> Path:
         return self.unit_dir / "stream-agent.service"
+
+    @property
+    def manager_unit(self) -> Path:
+        return self.unit_dir / "stream-manager.service"
+
+    @property
+    def state_unit(self) -> Path:
+        return self.unit_dir / "streamboss-state.service"
 
 
 # Directories every Debian system has, which the roles write into but do not create.
@@ -401,10 +427,19 @@ def node(workdir: Path, test_host: SshHost, wheels: Path,
         "stream_agent_definition": {"exec": "tr a-z A-Z", "name": "upper"},
         "stream_agent_broker_url": BROKER_URL,
         "stream_agent_drain_timeout": 20,
+        # The manager shares the agent's virtualenv here (one install per session).
+        "stream_manager_venv_dir": str(prefix / "opt/streamboss/agent"),
+        "stream_manager_wheels": str(wheels),
+        "stream_manager_broker_url": BROKER_URL,
+        "stream_manager_host": "127.0.0.1",
+        "stream_manager_port": free_port(),
+        "stream_manager_token": f"ci-token-{uuid.uuid4().hex}",
     }
-    inventory = write_inventory(workdir / "node-inventory.yml",
-                                {"stream_agents": {"agent-1": host_vars}}, {})
-    yield Node(prefix, inventory, **session_names)
+    inventory = write_inventory(workdir / "node-inventory.yml", {
+        "stream_agents": {"agent-1": host_vars}, "stream_managers": {"agent-1": {}}}, {})
+    yield Node(prefix, inventory, **session_names,
+               manager_port=host_vars["stream_manager_port"],
+               manager_token=host_vars["stream_manager_token"])
     _forget_topology(session_names)
 
 
@@ -461,8 +496,9 @@ def read_unit(path: Path) -> Unit:
         for item in shlex.split(value):
             name, _, setting = item.partition("=")
             environment[name] = setting
-    return Unit(path, shlex.split(keys["ExecStart"][-1]), keys["User"][-1],
-                keys.get("Group", keys["User"])[-1], files, environment,
+    user = keys.get("User", ["root"])[-1]
+    return Unit(path, shlex.split(keys["ExecStart"][-1]), user,
+                keys.get("Group", [user])[-1], files, environment,
                 keys.get("WorkingDirectory", [None])[-1], keys)
 
 
@@ -479,7 +515,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 def unit_environment(unit: Unit, extra: dict[str, str] | None = None) -> dict[str, str]:
     """What systemd would give the command: a bare environment, Environment=, then the
-    EnvironmentFile= files, expanding ${VAR} in ExecStart is left to the caller."""
+    EnvironmentFile= files (which override Environment=)."""
     env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8", "USER": unit.user, "LOGNAME": unit.user,
            "HOME": "/", "SHELL": "/usr/sbin/nologin", **unit.environment}
     for path, optional in unit.environment_files:
@@ -495,10 +531,14 @@ def start_as_unit(unit: Unit, log: Path, extra_env: dict[str, str] | None = None
                   ) -> subprocess.Popen[bytes]:
     """Run the unit's ExecStart as its User=/Group= (setpriv execs, so the process we
     hold is the service's main process, as systemd's MainPID would be)."""
+    env = unit_environment(unit, extra_env)
+    # systemd expands ${VAR} in ExecStart from that environment.
+    command = [re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), ""), arg)
+               for arg in unit.exec_start]
     argv = ["setpriv", f"--reuid={unit.user}", f"--regid={unit.group}", "--init-groups", "--",
-            *unit.exec_start]
+            *command]
     handle = open(log, "ab")  # noqa: SIM115 - closed with the process by the caller
-    return subprocess.Popen(argv, env=unit_environment(unit, extra_env),
+    return subprocess.Popen(argv, env=env,
                             cwd=unit.working_directory or "/", stdout=handle, stderr=handle)
 
 

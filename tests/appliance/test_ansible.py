@@ -10,9 +10,9 @@ import pwd
 import re
 import subprocess
 import threading
-import time
 from pathlib import Path
 
+import pika
 import pytest
 
 from infra.user_data import AGENT_SERVICE, agent_user_data
@@ -29,6 +29,7 @@ from .conftest import (
     run_playbook,
     start_as_unit,
     terminate,
+    unit_environment,
     write_inventory,
 )
 
@@ -94,24 +95,31 @@ def test_the_node_has_what_the_roles_promise(converged: Node, tmp_path):
     assert 'APT::Periodic::Unattended-Upgrade "1"' in (apt_dir / "20auto-upgrades").read_text()
 
 
-def test_the_unit_passes_systemd_analyze_verify_and_is_sandboxed(converged: Node):
-    unit = converged.unit
-    verify = subprocess.run(["systemd-analyze", "verify", str(unit)],
+def test_the_units_pass_systemd_analyze_verify_and_are_sandboxed(converged: Node):
+    units = [converged.unit, converged.manager_unit, converged.state_unit]
+    verify = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
                             capture_output=True, text=True)
-    ours = [line for line in (verify.stdout + verify.stderr).splitlines() if unit.name in line]
+    ours = [line for line in (verify.stdout + verify.stderr).splitlines()
+            if any(unit.name in line for unit in units)]
     assert verify.returncode == 0 and not ours, verify.stdout + verify.stderr
-    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
-                              capture_output=True, text=True)
-    match = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
-    assert match, security.stdout + security.stderr
-    assert float(match.group(1)) <= MAX_EXPOSURE, security.stdout
-    keys = read_unit(unit).keys
-    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
-                       "PrivateTmp": "yes", "ProtectHome": "yes", "KillSignal": "SIGTERM",
-                       "KillMode": "mixed", "TimeoutStopSec": "35", "User": SERVICE_USER}.items():
-        assert keys[key] == [value], key
-    assert "--drain-timeout 20" in keys["ExecStart"][0]
-    assert "guest" not in keys["ExecStart"][0], "no credentials in argv"
+    for unit in (converged.unit, converged.manager_unit):
+        security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                                  capture_output=True, text=True)
+        match = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
+        assert match, security.stdout + security.stderr
+        assert float(match.group(1)) <= MAX_EXPOSURE, security.stdout
+        keys = read_unit(unit).keys
+        for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
+                           "PrivateTmp": "yes", "ProtectHome": "yes", "KillSignal": "SIGTERM",
+                           "KillMode": "mixed", "User": SERVICE_USER}.items():
+            assert keys[key] == [value], (unit.name, key)
+        assert "guest" not in keys["ExecStart"][0], "no credentials in argv"
+    agent = read_unit(converged.unit).keys
+    assert agent["TimeoutStopSec"] == ["35"], "the drain timeout (20 s) plus a margin"
+    assert "--drain-timeout 20" in agent["ExecStart"][0]
+    manager = read_unit(converged.manager_unit).keys
+    assert manager["Requires"] == [converged.state_unit.name]
+    assert manager["ReadWritePaths"] == [str(converged.prefix / "var/lib/streamboss/manager")]
 
 
 def _wait_for_consumer(broker, operation: str) -> None:
@@ -205,32 +213,82 @@ def test_the_unit_honours_the_pulumi_user_data_contract(
             target.chmod(info.st_mode & 0o777)
 
 
-class Publisher(threading.Thread):
-    """Publishes numbered messages onto a stream until stopped (its own connection)."""
+def test_the_manager_units_commands_mount_nothing_without_a_device_and_serve_the_api(
+        converged: Node, tmp_path):
+    state = read_unit(converged.state_unit)
+    assert state.user == "root"
+    mount = subprocess.run(state.exec_start, env=unit_environment(state), capture_output=True,
+                           text=True, timeout=30)
+    assert mount.returncode == 0, mount.stdout + mount.stderr
+    assert "no STREAMBOSS_STATE_DEVICE" in mount.stdout
+    info = (converged.config_dir / "manager.env").stat()
+    assert (info.st_mode & 0o777, info.st_uid) == (0o600, pwd.getpwnam(SERVICE_USER).pw_uid)
 
-    def __init__(self, stream: str) -> None:
+    unit = read_unit(converged.manager_unit)
+    manager = start_as_unit(unit, tmp_path / "manager.log")
+    base = f"http://127.0.0.1:{converged.manager_port}"
+    try:
+        wait_until(lambda: _get(f"{base}/v1/health") == 200, READY, "the manager's API")
+        assert _uid_of(manager.pid) == pwd.getpwnam(SERVICE_USER).pw_uid
+        assert _get(f"{base}/v1/streams") == 401, "the token is required"
+        assert _get(f"{base}/v1/streams", converged.manager_token) == 200
+    finally:
+        code = terminate(manager)
+    assert code == 0, (tmp_path / "manager.log").read_text()
+    assert (converged.prefix / "var/lib/streamboss/manager").stat().st_uid == \
+        pwd.getpwnam(SERVICE_USER).pw_uid
+
+
+def _get(url: str, token: str | None = None) -> int:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        return httpx.get(url, headers=headers, timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+class Publisher(threading.Thread):
+    """Publishes numbered messages onto a stream until stopped (its own connection): a
+    trickle, and a burst whenever ``burst`` is set."""
+
+    def __init__(self, stream: str, per_second: int = 20, burst: int = 1500) -> None:
         super().__init__(daemon=True)
         self.stream = stream
+        self.per_tick = max(1, per_second // 10)
+        self.burst_size = burst
         self.ids: list[str] = []
         self.stop = threading.Event()
+        self.burst = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        from tests.conftest import Broker
-
-        publisher = Broker(BROKER_URL)
+        # One transaction per batch: a burst lands on the queue at once (faster than the
+        # agent takes it), and a committed batch is on the broker for sure.
+        connection = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
         try:
-            batch = 0
+            channel = connection.channel()
+            channel.tx_select()
+            tick = 0
             while not self.stop.is_set():
-                ids = [f"up-{batch}-{i}" for i in range(20)]
-                publisher.publish(self.stream, [i.encode() for i in ids], ids=ids)
+                count = self.per_tick
+                if self.burst.is_set():
+                    self.burst.clear()
+                    count = self.burst_size
+                ids = [f"up-{tick}-{i}" for i in range(count)]
+                for ident in ids:
+                    channel.basic_publish(
+                        f"sb.stream.{self.stream}", "", ident.encode(),
+                        pika.BasicProperties(delivery_mode=2, headers={"sb-id": ident}))
+                channel.tx_commit()
                 self.ids.extend(ids)
-                batch += 1
-                time.sleep(0.1)
+                tick += 1
+                self.stop.wait(0.1)
         except BaseException as exc:  # reported by the test
             self.error = exc
         finally:
-            publisher.connection.close()
+            connection.close()
 
 
 def test_upgrade_agents_drains_with_sigterm_loses_nothing_and_stops_at_an_unhealthy_node(
@@ -261,11 +319,16 @@ def test_upgrade_agents_drains_with_sigterm_loses_nothing_and_stops_at_an_unheal
     reaper = threading.Thread(target=agent.wait, daemon=True)  # systemd would reap it too
     reaper.start()
     publisher = Publisher(converged.input)
+    def burst_before_the_drain(line: str) -> None:
+        # A burst just before the SIGTERM: the agent is busy with a full window when it comes.
+        if line.startswith("TASK [stream_agent : Drain | Find the agent's process"):
+            publisher.burst.set()
+
     try:
         _wait_for_consumer(broker, converged.operation)
         publisher.start()
-        wait_until(lambda: len(publisher.ids) >= 200, READY, "200 messages published")
-        run = run_playbook(ansible_env, "upgrade-agents.yml", inventory, "-e", "upgrade_batch=1")
+        run = run_playbook(ansible_env, "upgrade-agents.yml", inventory, "-e", "upgrade_batch=1",
+                           on_line=burst_before_the_drain)
     finally:
         publisher.stop.set()
         publisher.join(10)
@@ -275,7 +338,9 @@ def test_upgrade_agents_drains_with_sigterm_loses_nothing_and_stops_at_an_unheal
     assert publisher.error is None, publisher.error
     log = (tmp_path / "agent.log").read_text()
     assert agent.returncode == 0, f"the drained agent exited {agent.returncode}\n{log}"
-    assert "SIGTERM received; draining" in log and "drained; exiting" in log, log
+    draining = re.search(r"SIGTERM received; draining (\d+) in-flight", log)
+    assert draining and "drained; exiting" in log, log
+    assert int(draining.group(1)) > 0, "the SIGTERM came while messages were in flight"
 
     recap = run.recap()
     assert run.returncode != 0, run.explain()
@@ -308,7 +373,8 @@ def test_upgrade_agents_drains_with_sigterm_loses_nothing_and_stops_at_an_unheal
     assert set(seen) == published
     assert [parent for parent, count in seen.items() if count > 1] == []
     assert broker.queue_depth(f"sb.op.{converged.operation}") == 0
-    print(f"upgrade-agents.yml: {run.seconds:.1f}s, {len(published)} messages, none lost")
+    print(f"upgrade-agents.yml: {run.seconds:.1f}s, {len(published)} messages, "
+          f"{draining.group(1)} in flight at SIGTERM, none lost")
 
 
 def _rabbitmqctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
