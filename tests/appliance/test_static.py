@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -89,3 +90,12 @@ def test_every_playbook_passes_the_syntax_check(ansible_env):
          "-i", "inventory/example/hosts.yml", *PLAYBOOKS],
         cwd=ANSIBLE_DIR, env=ansible_env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_roles_and_playbooks_use_ansible_builtin_only():
+    # Nothing to install from Galaxy (or anywhere) at run time: every module is ansible.builtin.
+    used: set[str] = set()
+    for path in ANSIBLE_DIR.rglob("*.yml"):
+        used |= set(re.findall(r"^\s*-?\s*([a-z0-9_]+\.[a-z0-9_]+\.[a-z0-9_]+):", path.read_text(),
+                               re.M))
+    assert used and {name.rsplit(".", 1)[0] for name in used} == {"ansible.builtin"}, used
