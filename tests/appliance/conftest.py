@@ -315,7 +315,8 @@ def run_playbook(env: dict[str, str], playbook: str, inventory: Path, *args: str
 @dataclass
 class Node:
     """The test host converged under ``prefix`` as a stream-agent node that also runs the
-    stream manager (one host in both groups, as a small deployment would be)."""
+    stream manager and the broker (one host in all three groups, as a small deployment
+    would be)."""
 
     prefix: Path
     inventory: Path
@@ -324,6 +325,7 @@ class Node:
     output: str
     manager_port: int
     manager_token: str
+    broker_user: str
     user: str = SERVICE_USER
     runs: list[PlaybookRun] = field(default_factory=list)
 
@@ -363,7 +365,8 @@ def node_paths(prefix: Path) -> dict[str, Any]:
     return {
         "common_service_user": SERVICE_USER,
         "common_service_group": SERVICE_USER,
-        "common_service_home": str(prefix / "var/lib/streamboss"),
+        # Not per prefix: concurrent sessions share the user and must agree on it.
+        "common_service_home": "/var/lib/streamboss-ci",
         "common_timesyncd_config_dir": str(prefix / "etc/systemd/timesyncd.conf.d"),
         "common_apt_config_dir": str(prefix / "etc/apt/apt.conf.d"),
         "common_journald_config_dir": str(prefix / "etc/systemd/journald.conf.d"),
@@ -435,12 +438,31 @@ def node(workdir: Path, test_host: SshHost, wheels: Path,
         "stream_manager_port": free_port(),
         "stream_manager_token": f"ci-token-{uuid.uuid4().hex}",
     }
+    # The rabbitmq role writes its configuration under the prefix and, with systemd absent,
+    # restarts nothing: the machine's broker keeps running as it is. Its users are real:
+    # one of this session's (removed at the end); guest stays.
+    broker_user = f"t-site-{session_names['operation'].rsplit('-', 1)[-1]}"
+    broker_vars = {
+        "rabbitmq_config_dir": str(prefix / "etc/rabbitmq"),
+        "rabbitmq_listen_address": "127.0.0.1",
+        "rabbitmq_vhosts": ["/"],
+        "rabbitmq_remove_guest": False,
+        "rabbitmq_users": [{"name": broker_user, "password": f"pw-{uuid.uuid4().hex}",
+                            "tags": ["monitoring"], "read": "^sb\\.", "write": "^sb\\.",
+                            "configure": "^sb\\."}],
+    }
     inventory = write_inventory(workdir / "node-inventory.yml", {
-        "stream_agents": {"agent-1": host_vars}, "stream_managers": {"agent-1": {}}}, {})
-    yield Node(prefix, inventory, **session_names,
-               manager_port=host_vars["stream_manager_port"],
-               manager_token=host_vars["stream_manager_token"])
-    _forget_topology(session_names)
+        "stream_agents": {"agent-1": {**host_vars, **broker_vars}},
+        "stream_managers": {"agent-1": {}}, "brokers": {"agent-1": {}}}, {})
+    try:
+        yield Node(prefix, inventory, **session_names,
+                   manager_port=host_vars["stream_manager_port"],
+                   manager_token=host_vars["stream_manager_token"], broker_user=broker_user)
+    finally:
+        _forget_topology(session_names)
+        if shutil.which("rabbitmqctl"):
+            subprocess.run(["rabbitmqctl", "--quiet", "delete_user", broker_user],
+                           capture_output=True, check=False)
 
 
 def _forget_topology(names: dict[str, str]) -> None:

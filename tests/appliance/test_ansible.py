@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import re
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -95,7 +96,26 @@ def test_the_node_has_what_the_roles_promise(converged: Node, tmp_path):
     assert 'APT::Periodic::Unattended-Upgrade "1"' in (apt_dir / "20auto-upgrades").read_text()
 
 
+def test_the_broker_has_the_users_the_rabbitmq_role_declares(converged: Node):
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("needs rabbitmqctl (the local RabbitMQ's CLI)")
+    users = json.loads(_rabbitmqctl("list_users", "--formatter", "json").stdout)
+    assert {"user": converged.broker_user, "tags": ["monitoring"]} in users
+    assert "guest" in {u["user"] for u in users}, "rabbitmq_remove_guest: false keeps guest"
+    permissions = json.loads(_rabbitmqctl("list_user_permissions", converged.broker_user,
+                                          "--formatter", "json").stdout)
+    assert permissions == [{"vhost": "/", "configure": "^sb\\.", "write": "^sb\\.",
+                            "read": "^sb\\."}]
+    config_dir = converged.prefix / "etc/rabbitmq"
+    conf = (config_dir / "rabbitmq.conf").read_text()
+    assert "listeners.tcp.default = 127.0.0.1:5672" in conf
+    assert "management.tcp.port = 15672" in conf
+    assert (config_dir / "enabled_plugins").read_text().strip() == "[rabbitmq_management]."
+
+
 def test_the_units_pass_systemd_analyze_verify_and_are_sandboxed(converged: Node):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("needs systemd-analyze (Debian's systemd package)")
     units = [converged.unit, converged.manager_unit, converged.state_unit]
     verify = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
                             capture_output=True, text=True)
@@ -387,7 +407,7 @@ def test_rotate_broker_credentials_changes_the_password_and_the_agents_use_the_n
     """Against the machine's own RabbitMQ, with a user of this test only (guest is never
     touched): the broker play finds the old password stale and sets the new one (on
     stdin), and the agent node gets the new URL and reaches its queue with it."""
-    if subprocess.run(["which", "rabbitmqctl"], capture_output=True).returncode != 0:
+    if shutil.which("rabbitmqctl") is None:
         pytest.skip("needs rabbitmqctl (the local RabbitMQ's CLI)")
     user = f"t-rotate-{converged.operation.rsplit('-', 1)[-1]}"
     old, new = "OldPassword0rotate", "NewPassword1rotate"
