@@ -1,6 +1,9 @@
-"""Ansible for real: site.yml converges the test host as a stream-agent node, the unit it
-wrote passes systemd's checks and its own command transforms messages from the real
-broker, and upgrade-agents.yml drains it with SIGTERM without losing a message."""
+"""Ansible for real: site.yml converges the test host as a broker, stream-manager and
+stream-agent node (a second run changes nothing); the units it wrote pass systemd's
+checks and their own commands, run as their user, work (the agent transforms messages
+from the real broker, also from the Pulumi program's user data); upgrade-agents.yml
+drains the agent with SIGTERM without losing a message and stops at an unhealthy node;
+rotate-broker-credentials.yml and collect-logs.yml run against the same host."""
 
 from __future__ import annotations
 
