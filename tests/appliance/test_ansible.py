@@ -276,7 +276,7 @@ class Publisher(threading.Thread):
     """Publishes numbered messages onto a stream until stopped (its own connection): a
     trickle, and a burst whenever ``burst`` is set."""
 
-    def __init__(self, stream: str, per_second: int = 20, burst: int = 1500) -> None:
+    def __init__(self, stream: str, per_second: int = 20, burst: int = 1000) -> None:
         super().__init__(daemon=True)
         self.stream = stream
         self.per_tick = max(1, per_second // 10)
@@ -343,8 +343,9 @@ def test_upgrade_agents_drains_with_sigterm_loses_nothing_and_stops_at_an_unheal
     reaper.start()
     publisher = Publisher(converged.input)
     def burst_before_the_drain(line: str) -> None:
-        # A burst just before the SIGTERM: the agent is busy with a full window when it comes.
-        if line.startswith("TASK [stream_agent : Drain | Find the agent's process"):
+        # Ansible names the task before it runs it: a burst then keeps the agent busy with a
+        # full window when the SIGTERM comes.
+        if line.startswith("TASK [stream_agent : Drain | Send the agent SIGTERM"):
             publisher.burst.set()
 
     try:
