@@ -106,7 +106,20 @@ def workdir() -> Iterator[Path]:
     try:
         yield path
     finally:
+        _end_ssh_masters(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _end_ssh_masters(workdir: Path) -> None:
+    """SSH's ControlPersist masters of this session's Ansible runs (their sockets live under
+    ``workdir``) would linger for a minute after the session: end them now."""
+    marker = f"ssh: {workdir}/".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if (proc / "cmdline").read_bytes().startswith(marker):
+                os.kill(int(proc.name), signal.SIGTERM)
 
 
 @pytest.fixture(scope="session")
