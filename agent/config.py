@@ -16,7 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .framing import FRAMINGS
-from .naming import InvalidName, check_name
+from .naming import MAX_ATTEMPTS_LIMIT, InvalidName, check_name
+from .retry import DEFAULT_RETRY_DELAY, RETRY_DELAY_MAX
 
 BROKER_URL_ENV = "STREAMBOSS_BROKER_URL"
 OBJECT_STORE_ENV = "STREAMBOSS_OBJECT_STORE"
@@ -58,6 +59,7 @@ class ProcessDefinition:
     output_framing: str | None = None
     timeout: float | None = DEFAULT_TIMEOUT
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_delay: float = DEFAULT_RETRY_DELAY
     env: dict[str, str] = field(default_factory=dict)
     shell: bool = False
     concurrency: int | None = None
@@ -79,11 +81,12 @@ class ProcessDefinition:
 
 _DEFINITION_FIELDS = {
     "exec", "name", "application", "mode", "framing", "output_framing", "timeout",
-    "max_attempts", "env", "shell", "concurrency", "image",
+    "max_attempts", "retry_delay", "env", "shell", "concurrency", "image",
 }
 
 
-def _number(where: str, value: Any, *, integer: bool, minimum: float) -> Any:
+def _number(where: str, value: Any, *, integer: bool, minimum: float,
+            maximum: float | None = None) -> Any:
     kind = "a whole number" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{where} must be {kind}, got {value!r}")
@@ -91,6 +94,8 @@ def _number(where: str, value: Any, *, integer: bool, minimum: float) -> Any:
         raise ConfigError(f"{where} must be {kind}, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{where} must be at least {minimum:g}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{where} must be at most {maximum:g}, got {value!r}")
     return value
 
 
@@ -131,8 +136,10 @@ def parse_definition(data: Any) -> ProcessDefinition:
     if timeout is not None:
         timeout = float(_number("timeout", timeout, integer=False, minimum=0.001))
     max_attempts = _number(
-        "max_attempts", fields.get("max_attempts", DEFAULT_MAX_ATTEMPTS), integer=True, minimum=1
-    )
+        "max_attempts", fields.get("max_attempts", DEFAULT_MAX_ATTEMPTS), integer=True,
+        minimum=1, maximum=MAX_ATTEMPTS_LIMIT)
+    retry_delay = float(_number("retry_delay", fields.get("retry_delay", DEFAULT_RETRY_DELAY),
+                                integer=False, minimum=0.001, maximum=RETRY_DELAY_MAX))
     concurrency = fields.get("concurrency")
     if concurrency is not None:
         concurrency = _number("concurrency", concurrency, integer=True, minimum=1)
@@ -148,6 +155,7 @@ def parse_definition(data: Any) -> ProcessDefinition:
         output_framing=fields.get("output_framing"),
         timeout=timeout,
         max_attempts=max_attempts,
+        retry_delay=retry_delay,
         env={k: str(v) for k, v in env.items()},
         shell=bool(fields.get("shell", False)),
         concurrency=concurrency,

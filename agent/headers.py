@@ -29,6 +29,19 @@ DEAD_EXIT_CODE = "sb-dead-exit-code"
 DEAD_ATTEMPTS = "sb-dead-attempts"
 DEAD_STDERR = "sb-dead-stderr"
 DEAD_OPERATION = "sb-dead-operation"
+# The failure path, one of retry.PATHS: what sb-dead-reason starts with, for grouping.
+DEAD_PATH = "sb-dead-path"
+# Attempts a message has used up, carried on the copies the agent republishes
+# (a retry waiting out its delay, a message moved to run alone): the broker's
+# own count (x-delivery-count) starts again at 0 for each copy.
+ATTEMPTS = "sb-attempts"
+# Why the previous attempt failed, on a retry copy.
+RETRY_REASON = "sb-retry-reason"
+# Headers the broker sets; a republished copy must not carry them back.
+DELIVERY_COUNT = "x-delivery-count"
+BROKER_HEADERS = ("x-delivery-count", "x-death", "x-first-death-exchange",
+                  "x-first-death-queue", "x-first-death-reason", "x-last-death-exchange",
+                  "x-last-death-queue", "x-last-death-reason")
 
 # An object reference (claim check): the message stands for an object in storage.
 OBJECT_URL = "sb-object-url"

@@ -15,7 +15,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from streamboss.agent.naming import SUBSCRIPTION_PREFIX, archive_queue, operation_queue
+from streamboss.agent.naming import (
+    SUBSCRIPTION_PREFIX,
+    archive_queue,
+    dead_queue,
+    operation_queue,
+)
 
 from .broker import Broker, BrokerUnavailable, Subscriber
 from .dispatch_local import archiver_pool
@@ -29,7 +34,6 @@ INTERVAL = 1.0
 # Declares are idempotent but cost round trips; re-assert them this often, and
 # at once after any declaration changes or the broker comes back.
 TOPOLOGY_REFRESH = 10.0
-DEAD_QUEUE_PREFIX = "sb.dead."
 
 
 class Dispatcher(Protocol):
@@ -75,11 +79,6 @@ class ArchiveStatus:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def dead_queue(operation: str) -> str:
-    """The durable queue that keeps an operation's dead letters until someone reads them."""
-    return DEAD_QUEUE_PREFIX + operation
 
 
 def wanted_operations(operations: list[Operation],
