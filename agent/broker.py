@@ -9,8 +9,10 @@ AMQP close reasons to one-line explanations.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -26,6 +28,11 @@ log = logging.getLogger(__name__)
 # one (or, with ``multiple``, every earlier) publish.
 OnMessage = Callable[[int, pika.BasicProperties, bytes], None]
 OnConfirm = Callable[[int, bool, bool], None]
+# A mandatory publish that no queue took: (properties, reply text).
+OnReturn = Callable[[pika.BasicProperties, str], None]
+# A broker's refusal of a message over its max_message_size, which a publisher
+# learns only by being refused.
+_MAX_SIZE = re.compile(r"larger than configured max size (\d+)")
 
 
 @dataclass(frozen=True)
@@ -46,10 +53,22 @@ class Topology:
     own_queue: bool = True
     # One consumer at a time (an archive's index has a single writer).
     exclusive: bool = False
+    # Declare-arguments of ``queue`` (and of ``solo_queue``).
+    queue_arguments: dict[str, Any] = field(default_factory=dict)
+    # A second queue consumed one message at a time, declared like ``queue`` but unbound.
+    solo_queue: str | None = None
+    # A queue of ours bound to an exchange of ours: dead letters are kept, never unroutable.
+    kept: tuple[tuple[str, str], ...] = ()  # (queue, exchange)
 
 
 class BrokerError(Exception):
     """A broker condition the agent cannot work around; the message says what to do."""
+
+
+def max_size_refused(reason: BaseException) -> int | None:
+    """The broker's message size limit, when ``reason`` is its refusal of a larger message."""
+    match = _MAX_SIZE.search(str(getattr(reason, "reply_text", "") or reason))
+    return int(match.group(1)) if match else None
 
 
 def _root_cause(error: BaseException) -> str:
@@ -96,6 +115,10 @@ class BrokerSession:
         on_lost: ``(reason_text, fatal)`` when the connection is gone; ``fatal``
             is true for conditions that retrying cannot fix (a missing stream).
         on_cancelled: the broker cancelled the consumer or confirmed our cancel.
+        on_solo_message: like ``on_message``, for deliveries from ``topology.solo_queue``.
+        on_return: a mandatory publish that no queue took.
+        on_refused: the channel was closed after start-up by a refusal (a 406, say)
+            that reconnecting gets past; the text says what was refused.
     """
 
     def __init__(
@@ -110,6 +133,9 @@ class BrokerSession:
         on_lost: Callable[[str, bool], None],
         on_cancelled: Callable[[], None],
         connection_name: str = "streamboss-agent",
+        on_solo_message: OnMessage | None = None,
+        on_return: OnReturn | None = None,
+        on_refused: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.url = url
         self.connection_name = connection_name
@@ -121,12 +147,18 @@ class BrokerSession:
         self._on_confirm = on_confirm
         self._on_lost = on_lost
         self._on_cancelled = on_cancelled
+        self._on_solo_message = on_solo_message
+        self._on_return = on_return
+        self._on_refused = on_refused
         self.connection: pika.SelectConnection | None = None
         self.channel: Channel | None = None
         self.consumer_tag: str | None = None
+        self.solo_consumer_tag: str | None = None
         self.publish_seq = 0
+        self.ready = False
         self._fatal: str | None = None
         self._closing = False
+        self._declared_queues: set[str] = set()
 
     # -- life cycle ---------------------------------------------------------
 
@@ -134,10 +166,14 @@ class BrokerSession:
         """Open a new connection; progress arrives through the callbacks."""
         self.channel = None
         self.consumer_tag = None
+        self.solo_consumer_tag = None
         self.publish_seq = 0
+        self.ready = False
         self._fatal = None
         self._closing = False
         self._checking_queue = False
+        self._declaring_queue = None
+        self._declared_queues = set()
         params = pika.URLParameters(self.url)
         # Long transforms must not look like a dead peer; heartbeats run on the loop.
         params.heartbeat = 30
@@ -182,12 +218,22 @@ class BrokerSession:
         self.channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_consumer_cancelled)
+        if self._on_return is not None:
+            channel.add_on_return_callback(self._on_basic_return)
         self._check_required(list(self.topology.required))
 
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
         self.channel = None
         if self._fatal is None and not self._closing:
-            self._fatal_if_missing(reason)
+            if self.ready:
+                # Refused after start-up (a message over the broker's size limit, say):
+                # the refusal is about one message, not the configuration, so the
+                # agent reconnects rather than exits.
+                log.warning("broker closed the channel: %s", reason)
+                if self._on_refused is not None:
+                    self._on_refused(reason)
+            else:
+                self._fatal_if_missing(reason)
         if self.connection is not None and self.connection.is_open:
             self.connection.close()
 
@@ -201,6 +247,10 @@ class BrokerSession:
         elif code == 404 and self._checking_queue:
             self._fatal = (f"queue {self.topology.queue} does not exist on the broker: the "
                            "manager declares it")
+        elif code == 406 and self._declaring_queue is not None:
+            self._fatal = (f"queue {self._declaring_queue} exists with other arguments (a classic "
+                           "queue from an earlier streamboss?): start the stream manager of this "
+                           "release, which migrates it, or delete the queue")
         elif code in (403, 406):
             self._fatal = f"the broker refused the agent's topology: {reason}"
 
@@ -208,6 +258,7 @@ class BrokerSession:
 
     _pending_check: tuple[str, str] | None = None
     _checking_queue = False
+    _declaring_queue: str | None = None
 
     def _check_required(self, remaining: list[tuple[str, str]]) -> None:
         assert self.channel is not None
@@ -235,28 +286,82 @@ class BrokerSession:
             self.channel.queue_declare(self.topology.queue, passive=True,
                                        callback=self._on_bound)
             return
-        self.channel.queue_declare(self.topology.queue, durable=True, callback=self._on_queue)
+        self._declare_queues()
 
-    def _on_queue(self, _frame: pika.frame.Method) -> None:
+    def _declare_queues(self) -> None:
+        """The operation's queue bound to its input, the solo queue, the kept queues."""
         assert self.channel is not None
-        self.channel.queue_bind(self.topology.queue, self.topology.bind_to, routing_key="#",
-                                callback=self._on_bound)
+        topology = self.topology
+        steps: list[tuple[str, str | None, dict[str, Any]]] = [
+            (topology.queue, topology.bind_to, topology.queue_arguments)]
+        if topology.solo_queue:
+            steps.append((topology.solo_queue, None, topology.queue_arguments))
+        steps.extend((queue, exchange, {}) for queue, exchange in topology.kept)
 
-    def _on_bound(self, _frame: pika.frame.Method) -> None:
+        def declare(remaining: list[tuple[str, str | None, dict[str, Any]]]) -> None:
+            assert self.channel is not None
+            if not remaining:
+                self._declaring_queue = None
+                self._on_bound(None)
+                return
+            queue, exchange, arguments = remaining[0]
+            self._declaring_queue = queue
+
+            def bind(_frame: pika.frame.Method) -> None:
+                assert self.channel is not None
+                if exchange is None:
+                    declare(remaining[1:])
+                else:
+                    self.channel.queue_bind(queue, exchange, routing_key="#",
+                                            callback=lambda _f: declare(remaining[1:]))
+
+            self.channel.queue_declare(queue, durable=True, arguments=arguments or None,
+                                       callback=bind)
+
+        declare(steps)
+
+    def _on_bound(self, _frame: pika.frame.Method | None) -> None:
         assert self.channel is not None
         self._checking_queue = False
         self.channel.confirm_delivery(ack_nack_callback=self._on_delivery_confirmation,
                                       callback=self._on_confirm_mode)
 
     def _on_confirm_mode(self, _frame: pika.frame.Method) -> None:
-        assert self.channel is not None
-        self.channel.basic_qos(prefetch_count=self.prefetch, callback=self._on_qos)
+        self._consume(self._after_consume)
 
-    def _on_qos(self, _frame: pika.frame.Method) -> None:
-        assert self.channel is not None
-        self.consumer_tag = self.channel.basic_consume(self.topology.queue, self._deliver,
-                                                       exclusive=self.topology.exclusive)
+    def _after_consume(self) -> None:
+        self.ready = True
         self._on_ready()
+
+    def _consume(self, then: Callable[[], None]) -> None:
+        """Start the consumers: the solo queue's with a window of one, then the main one.
+
+        ``basic.qos`` without ``global`` applies to consumers started after it on
+        the channel, so each consumer gets its own window.
+        """
+        channel = self.channel
+        assert channel is not None
+        solo = self.topology.solo_queue
+
+        def main(_frame: pika.frame.Method | None = None) -> None:
+            assert self.channel is not None
+            self.channel.basic_qos(prefetch_count=self.prefetch, callback=start_main)
+
+        def start_main(_frame: pika.frame.Method) -> None:
+            assert self.channel is not None
+            self.consumer_tag = self.channel.basic_consume(
+                self.topology.queue, self._deliver, exclusive=self.topology.exclusive)
+            then()
+
+        def start_solo(_frame: pika.frame.Method) -> None:
+            assert self.channel is not None and solo is not None
+            self.solo_consumer_tag = self.channel.basic_consume(solo, self._deliver_solo)
+            main()
+
+        if solo and self._on_solo_message is not None:
+            channel.basic_qos(prefetch_count=1, callback=start_solo)
+        else:
+            main()
 
     # -- data ---------------------------------------------------------------
 
@@ -264,16 +369,43 @@ class BrokerSession:
                  properties: pika.BasicProperties, body: bytes) -> None:
         self._on_message(method.delivery_tag, properties, body)
 
+    def _deliver_solo(self, _channel: Channel, method: Basic.Deliver,
+                      properties: pika.BasicProperties, body: bytes) -> None:
+        assert self._on_solo_message is not None
+        self._on_solo_message(method.delivery_tag, properties, body)
+
+    def _on_basic_return(self, _channel: Channel, method: Basic.Return,
+                         properties: pika.BasicProperties, _body: bytes) -> None:
+        assert self._on_return is not None
+        self._on_return(properties, f"{method.reply_code} {method.reply_text}")
+
     def _on_delivery_confirmation(self, frame: pika.frame.Method) -> None:
         method = frame.method
         self._on_confirm(method.delivery_tag, method.multiple, isinstance(method, Basic.Ack))
 
-    def publish(self, exchange: str, body: bytes, properties: pika.BasicProperties) -> int:
-        """Publish with confirms; return the sequence number its confirm will carry."""
+    def publish(self, exchange: str, body: bytes, properties: pika.BasicProperties,
+                routing_key: str = "") -> int:
+        """Publish with confirms, ``mandatory`` when returns are handled; return the
+        sequence number its confirm will carry."""
         assert self.channel is not None
-        self.channel.basic_publish(exchange, "", body, properties)
+        self.channel.basic_publish(exchange, routing_key, body, properties,
+                                   mandatory=self._on_return is not None)
         self.publish_seq += 1
         return self.publish_seq
+
+    def ensure_queue(self, queue: str, arguments: dict[str, Any],
+                     then: Callable[[], None]) -> None:
+        """Declare ``queue`` once per connection, then call ``then`` (at once if done)."""
+        if queue in self._declared_queues:
+            then()
+            return
+        assert self.channel is not None
+
+        def declared(_frame: pika.frame.Method) -> None:
+            self._declared_queues.add(queue)
+            then()
+
+        self.channel.queue_declare(queue, durable=True, arguments=arguments, callback=declared)
 
     def ack(self, delivery_tag: int, multiple: bool) -> None:
         if self.is_open:
@@ -287,20 +419,46 @@ class BrokerSession:
 
     def cancel(self) -> None:
         """Stop consuming; :attr:`on_cancelled` fires once the broker agrees."""
-        if self.is_open and self.consumer_tag is not None:
-            assert self.channel is not None
-            self.channel.basic_cancel(self.consumer_tag,
-                                      callback=lambda _frame: self._on_cancelled())
+        self.pause(self._on_cancelled)
+
+    @property
+    def consuming(self) -> bool:
+        return self.consumer_tag is not None or self.solo_consumer_tag is not None
+
+    def pause(self, then: Callable[[], None] | None = None) -> None:
+        """Cancel the consumers; ``then`` runs once the broker confirmed every cancel."""
+        tags = [tag for tag in (self.consumer_tag, self.solo_consumer_tag) if tag is not None]
+        self.consumer_tag = self.solo_consumer_tag = None
+        if not (self.is_open and tags):
+            if then is not None:
+                then()
+            return
+        # One at a time: pika registers a cancel's callback for any Basic.CancelOk on
+        # the channel, so two cancels in flight would each see the first one's reply.
+        def cancel_next(_frame: pika.frame.Method | None = None) -> None:
+            channel = self.channel
+            if not tags or channel is None or not channel.is_open:
+                if then is not None:
+                    then()
+                return
+            tag = tags.pop()
+            channel.basic_cancel(tag, callback=cancel_next)
             # pika rejects (requeues) deliveries that cross our Basic.Cancel on the
             # wire; AMQP lets a consumer keep them until Basic.CancelOk, and a
             # draining agent should: it handles them like any other, so scale-in
-            # requeues nothing. pika has no public switch; without this attribute
-            # the late deliveries are merely requeued, which loses nothing.
-            cancelled = getattr(self.channel, "_cancelled", None)
-            if isinstance(cancelled, set):
-                cancelled.discard(self.consumer_tag)
-        else:
-            self._on_cancelled()
+            # requeues nothing (a requeue would count as a delivery without an
+            # outcome). pika has no public switch; without this attribute the late
+            # deliveries are merely requeued, which loses nothing.
+            pending = getattr(channel, "_cancelled", None)
+            if isinstance(pending, set):
+                pending.discard(tag)
+
+        cancel_next()
+
+    def resume(self) -> None:
+        """Consume again after :meth:`pause`."""
+        if self.is_open and not self.consuming:
+            self._consume(lambda: None)
 
     def _on_consumer_cancelled(self, _frame: pika.frame.Method) -> None:
         # The queue was deleted under us: start over, which re-checks the streams.

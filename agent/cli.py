@@ -65,6 +65,9 @@ consuming, finishes the in-flight messages and exits 0.
               help="Per-message outputs larger than this go to the object store "
               "(STREAMBOSS_OBJECT_STORE or the config file's object_store) and are published "
               "as references.  [default: 4 MiB]")
+@click.option("--max-message-size", type=click.IntRange(min=1), metavar="BYTES",
+              help="The broker's largest message (RabbitMQ's max_message_size); larger outputs "
+              "go to the object store, else their input is dead-lettered.  [default: 128 MiB]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def agent_command(config_file: Path | None, operation: str | None, input_stream: str | None,
@@ -72,7 +75,8 @@ def agent_command(config_file: Path | None, operation: str | None, input_stream:
                   mode: str | None, framing: str | None, output_framing: str | None,
                   shell: bool | None, timeout: float | None, max_attempts: int | None,
                   concurrency: int | None, prefetch: int | None, drain_timeout: float | None,
-                  output_threshold: int | None, log_level: str) -> None:
+                  output_threshold: int | None, max_message_size: int | None,
+                  log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -95,6 +99,7 @@ def agent_command(config_file: Path | None, operation: str | None, input_stream:
              **{k: v for k, v in overrides.items() if v is not None}},
             {**file_values, "definition": {}},
             prefetch=prefetch, drain_timeout=drain_timeout, output_threshold=output_threshold,
+            max_message_size=max_message_size,
         )
         check_program(config.definition)
     except ConfigError as exc:

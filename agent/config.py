@@ -25,6 +25,9 @@ OBJECT_STORE_ENV = "STREAMBOSS_OBJECT_STORE"
 # 128 MiB message limit, and large messages slow every queue they pass through.
 DEFAULT_OUTPUT_THRESHOLD = 4 * 1024 * 1024
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+# RabbitMQ's default max_message_size (128 MiB). A broker set lower is learned
+# from its first refusal; setting it here avoids that one reconnect.
+DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
 MODES = ("per-message", "service")
 
 # Retrying three times tells a flaky program from a broken one without
@@ -183,6 +186,7 @@ class AgentConfig:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     object_store: str | None = None
     output_threshold: int = DEFAULT_OUTPUT_THRESHOLD
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
 
     @property
     def concurrency(self) -> int:
@@ -248,6 +252,7 @@ def build_config(
     prefetch: int | None = None,
     drain_timeout: float | None = None,
     output_threshold: int | None = None,
+    max_message_size: int | None = None,
 ) -> AgentConfig:
     """Merge command-line values over a config file's and validate the result.
 
@@ -291,5 +296,10 @@ def build_config(
         output_threshold=_number(
             "output_threshold", output_threshold or op_section.get(
                 "output_threshold", DEFAULT_OUTPUT_THRESHOLD),
+            integer=True, minimum=1),
+        max_message_size=_number(
+            "max_message_size", max_message_size or op_section.get(
+                "max_message_size", file_values.get("max_message_size",
+                                                    DEFAULT_MAX_MESSAGE_SIZE)),
             integer=True, minimum=1),
     )

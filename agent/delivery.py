@@ -14,6 +14,8 @@ class Delivery:
     ``epoch`` numbers the broker connection it arrived on: a delivery tag is
     only meaningful on that connection, so work finished for an older epoch
     is dropped (the broker has already redelivered the message).
+    ``attempt`` is this attempt's number (attempts used before it, plus one);
+    ``solo`` says it came from the solo queue.
     """
 
     tag: int
@@ -21,4 +23,5 @@ class Delivery:
     body: bytes
     properties: pika.BasicProperties
     parent: str | None
-    attempts: int = 0
+    attempt: int = 1
+    solo: bool = False

@@ -6,6 +6,7 @@ AMQP protocol binding (binary content mode, application properties).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import time
@@ -94,6 +95,14 @@ def new_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
+def derived_id(operation: str, parent: str, index: int | str) -> str:
+    """The id of output ``index`` of input ``parent`` in ``operation``: the same for
+    every redelivery of that input, so a consumer keeping ids can drop duplicates.
+    28 hex digits, like :func:`new_id`."""
+    key = f"{operation}\x00{parent}\x00{index}".encode()
+    return hashlib.blake2b(key, digest_size=14).hexdigest()
+
+
 def message_id(properties: pika.BasicProperties) -> str | None:
     """The streamboss id of a received message: ``sb-id``, else the AMQP message-id."""
     headers = properties.headers
@@ -110,6 +119,7 @@ def output_properties(
     parent: str | None,
     extra: dict[str, Any] | None = None,
     content_type: str | None = None,
+    ident: str | None = None,
 ) -> pika.BasicProperties:
     """Properties for a message published to ``stream``.
 
@@ -119,8 +129,9 @@ def output_properties(
         parent: the id of the message this one was derived from, if any.
         extra: more headers (dead-letter reasons, the input's own headers).
         content_type: the AMQP content-type, when known.
+        ident: the message's id (see :func:`derived_id`); a fresh one when not given.
     """
-    ident = new_id()
+    ident = ident or new_id()
     produced_at = now_rfc3339()
     headers: dict[str, Any] = dict(extra) if extra else {}
     headers[ID] = ident

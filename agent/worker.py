@@ -1,16 +1,25 @@
 """The stream agent: one operation, from its queue through a program to its output stream.
 
 Delivery is at-least-once: an input is acked only after the broker confirmed
-the message that replaces it (its output, or its dead letter). Everything runs
-on one pika I/O loop; ``per-message`` children report back from their threads
-through ``add_callback_threadsafe``.
+the message that replaces it (its output, its dead letter, or a copy of it
+republished to wait for a retry). Everything runs on one pika I/O loop;
+``per-message`` children report back from their threads through
+``add_callback_threadsafe``.
+
+Attempts are counted where they survive the agent (see retry.py): a message
+the broker redelivers because an agent died holding it is first moved to the
+operation's solo queue, which each agent takes one message at a time from, so
+a message that kills its agent uses up its own attempts and not its neighbours'.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import signal
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -19,11 +28,21 @@ from pika.adapters import select_connection
 from pika.adapters.select_connection import IOLoop
 
 from . import headers as hdr
+from . import objects, retry
 from .acks import Acker
-from .broker import BrokerSession, Topology
+from .broker import BrokerSession, Topology, max_size_refused
 from .config import AgentConfig
 from .delivery import Delivery
-from .naming import dead_stream, operation_queue, stream_exchange
+from .naming import (
+    dead_queue,
+    dead_stream,
+    operation_queue,
+    operation_queue_arguments,
+    retry_queue,
+    retry_queue_arguments,
+    solo_queue,
+    stream_exchange,
+)
 from .reconnect import RECONNECT_DELAY, Reconnecting
 from .runners import Runner
 from .runners.per_message import PerMessageRunner
@@ -38,6 +57,33 @@ select_connection.SELECT_TYPE = "select"
 
 EXIT_OK = 0
 EXIT_INTERRUPTED = 130
+# An output nobody receives (no queue bound to the output stream) pauses
+# consuming: long enough not to spin on a stream nobody reads, short enough to
+# notice a consumer that comes back.
+PAUSE_DELAY = 1.0
+PAUSE_DELAY_MAX = 30.0
+
+# What a publish stands for, so its confirm (or return) settles the right thing.
+OUTPUT, DEAD, COPY = "output", "dead letter", "copy"
+
+
+@dataclass(slots=True)
+class Pending:
+    """A publish waiting for its confirm, and the input it settles."""
+
+    seq: int
+    delivery: Delivery
+    kind: str
+    message_id: str | None
+
+
+def _copy_headers(delivery: Delivery, attempts: int) -> dict[str, Any]:
+    """The input's headers for a republished copy: the broker's own removed, the
+    attempts used so far recorded."""
+    headers = {k: v for k, v in (delivery.properties.headers or {}).items()
+               if k not in hdr.BROKER_HEADERS}
+    headers[hdr.ATTEMPTS] = attempts
+    return headers
 
 
 class Agent(Reconnecting):
@@ -52,6 +98,9 @@ class Agent(Reconnecting):
         self.output_exchange = stream_exchange(config.output)
         self.dead_name = dead_stream(config.operation)
         self.dead_exchange = stream_exchange(self.dead_name)
+        self.queue = operation_queue(config.operation)
+        self.solo = solo_queue(config.operation)
+        self.max_message_size = config.max_message_size
         self.epoch = 0
         self.exit_code = EXIT_OK
         self._ever_ready = False
@@ -60,19 +109,28 @@ class Agent(Reconnecting):
         self._stopping = False
         self._reconnect_delay = RECONNECT_DELAY
         self._drain_timer: object | None = None
-        self._confirms: deque[tuple[int, Delivery]] = deque()
+        self._confirms: deque[Pending] = deque()
+        self._returned: set[str] = set()
+        self._paused = False
+        self._pause_delay = PAUSE_DELAY
+        self._resume_timer: object | None = None
+        self._writer: ThreadPoolExecutor | None = None
         topology = Topology(
             required=((stream_exchange(config.input), "input stream"),
                       (self.output_exchange, "output stream")),
             declared=(self.dead_exchange,),
-            queue=operation_queue(config.operation),
+            queue=self.queue,
             bind_to=stream_exchange(config.input),
+            queue_arguments=operation_queue_arguments(config.operation),
+            solo_queue=self.solo,
+            kept=((dead_queue(config.operation), self.dead_exchange),),
         )
         self.session = BrokerSession(
             config.broker_url, self.ioloop, topology, config.window,
             on_ready=self._on_ready, on_message=self._on_message,
             on_confirm=self._on_confirm, on_lost=self._on_lost,
-            on_cancelled=self._on_cancelled,
+            on_cancelled=self._on_cancelled, on_solo_message=self._on_solo_message,
+            on_return=self._on_return, on_refused=self._on_refused,
         )
         self.acker = Acker(self.ioloop, self.session.ack, self._check_drained)
         definition = config.definition
@@ -80,8 +138,7 @@ class Agent(Reconnecting):
         if definition.mode == "service":
             self.runner = ServiceRunner(definition, self, self.label)
         else:
-            self.runner = PerMessageRunner(definition, config.concurrency, self, self.label,
-                                           config.object_store, config.output_threshold)
+            self.runner = PerMessageRunner(definition, config.concurrency, self, self.label)
 
     # -- run ----------------------------------------------------------------
 
@@ -96,6 +153,8 @@ class Agent(Reconnecting):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.runner.stop()
+            if self._writer is not None:
+                self._writer.shutdown(wait=False, cancel_futures=True)
             self.ioloop.close()
         return self.exit_code
 
@@ -117,6 +176,7 @@ class Agent(Reconnecting):
             self._finish()
             return
         self._drain_timer = self.ioloop.call_later(self.config.drain_timeout, self._drain_expired)
+        self._cancel_resume()
         self.session.cancel()
 
     def _on_cancelled(self) -> None:
@@ -158,70 +218,256 @@ class Agent(Reconnecting):
         self.epoch += 1
         self.acker.reset()
         self._confirms.clear()
+        self._returned.clear()
+        self._cancel_resume()
+        self._paused = False
+        if not (fatal or self._stopping):
+            # Work handed in under the old connection is the broker's again.
+            self.runner.reset()
         self.after_connection_lost(reason, fatal)
 
+    def _on_refused(self, reason: BaseException) -> None:
+        limit = max_size_refused(reason)
+        if limit is not None and limit < self.max_message_size:
+            log.warning("%s: the broker takes messages up to %d bytes; larger outputs now go "
+                        "to the object store or the dead-letter stream", self.label, limit)
+            self.max_message_size = limit
+
     def _on_message(self, tag: int, properties: pika.BasicProperties, body: bytes) -> None:
+        self._receive(tag, properties, body, solo=False)
+
+    def _on_solo_message(self, tag: int, properties: pika.BasicProperties, body: bytes) -> None:
+        self._receive(tag, properties, body, solo=True)
+
+    def _receive(self, tag: int, properties: pika.BasicProperties, body: bytes,
+                 solo: bool) -> None:
         self.acker.received(tag)
-        self.runner.submit(Delivery(tag, self.epoch, body, properties, hdr.message_id(properties)))
+        used, crashed = retry.attempts_used(properties)
+        delivery = Delivery(tag, self.epoch, body, properties, hdr.message_id(properties),
+                            used + crashed + 1, solo)
+        if crashed and not solo:
+            # An agent died (or lost its connection) holding this message: it may be
+            # the cause, or a bystander. Run it alone to find out.
+            self._republish(delivery, self.solo, used + crashed)
+            return
+        max_attempts = self.config.definition.max_attempts
+        if delivery.attempt > max_attempts:
+            if crashed:
+                self._dead_letter(delivery, retry.AGENT_DIED,
+                                  f"{crashed} deliveries ended without an outcome (the agent "
+                                  "was killed or lost its connection while running it)",
+                                  None, "", attempts=delivery.attempt - 1)
+            else:
+                self._dead_letter(delivery, retry.BAD_INPUT,
+                                  f"its {hdr.ATTEMPTS} header says {used} attempts were used "
+                                  f"already (max_attempts is {max_attempts})", None, "",
+                                  attempts=used)
+            return
+        self.runner.submit(delivery)
+
+    def _on_return(self, properties: pika.BasicProperties, reply: str) -> None:
+        # The confirm of the same publish follows; it settles the input.
+        if properties.message_id:
+            self._returned.add(properties.message_id)
+        log.debug("%s: broker returned a message: %s", self.label, reply)
 
     def _on_confirm(self, seq: int, multiple: bool, ack: bool) -> None:
         confirms = self._confirms
         if multiple:
-            while confirms and confirms[0][0] <= seq:
-                self._settle(confirms.popleft()[1], ack)
-        elif confirms and confirms[0][0] == seq:
-            self._settle(confirms.popleft()[1], ack)
+            while confirms and confirms[0].seq <= seq:
+                self._settle(confirms.popleft(), ack)
+        elif confirms and confirms[0].seq == seq:
+            self._settle(confirms.popleft(), ack)
         else:
-            for index, (pending_seq, delivery) in enumerate(confirms):
-                if pending_seq == seq:
+            for index, pending in enumerate(confirms):
+                if pending.seq == seq:
                     del confirms[index]
-                    self._settle(delivery, ack)
+                    self._settle(pending, ack)
                     break
 
-    def _settle(self, delivery: Delivery, ack: bool) -> None:
-        if ack:
+    def _settle(self, pending: Pending, ack: bool) -> None:
+        delivery = pending.delivery
+        returned = pending.message_id is not None and pending.message_id in self._returned
+        if returned:
+            self._returned.discard(pending.message_id)  # type: ignore[arg-type]
+        if ack and not returned:
+            if pending.kind == OUTPUT:
+                self._pause_delay = PAUSE_DELAY
             self.acker.acked(delivery.tag)
+        elif pending.kind == OUTPUT and returned:
+            # Nobody receives the output stream: keep the input (the queue keeps the
+            # backlog) without charging it an attempt, and stop taking more for a while.
+            self._republish(delivery, self.queue, delivery.attempt - 1)
+            self._pause()
+        elif pending.kind == OUTPUT:
+            self.fail(delivery, retry.OUTPUT_NACKED, "the broker refused the output message",
+                      None, "")
         else:
-            # The broker could not take the output; let the input be tried again.
-            log.warning("%s: broker refused an output message; requeueing its input", self.label)
-            self.requeue(delivery)
+            # A dead letter or a copy the broker would not take: hand the input back.
+            # Its delivery count grows, so this too ends (in the solo queue, then dead).
+            log.warning("%s: broker %s a %s; returning its input to the queue", self.label,
+                        "returned" if returned else "refused", pending.kind)
+            self.session.nack(delivery.tag, requeue=True)
+            self.acker.rejected(delivery.tag)
+
+    def _pause(self) -> None:
+        if self._paused or self._draining:
+            return
+        self._paused = True
+        log.warning("%s: no queue is bound to stream %r, so its outputs would be lost; "
+                    "pausing for %.0fs (the input queue keeps the backlog)", self.label,
+                    self.config.output, self._pause_delay)
+        self.session.pause()
+        self._resume_timer = self.ioloop.call_later(self._pause_delay, self._resume)
+        self._pause_delay = min(self._pause_delay * 2, PAUSE_DELAY_MAX)
+
+    def _resume(self) -> None:
+        self._resume_timer = None
+        self._paused = False
+        if not self._draining:
+            self.session.resume()
+
+    def _cancel_resume(self) -> None:
+        if self._resume_timer is not None:
+            self.ioloop.remove_timeout(self._resume_timer)
+            self._resume_timer = None
+
+    # -- publishing -----------------------------------------------------------
+
+    def _stale(self, delivery: Delivery) -> bool:
+        return delivery.epoch != self.epoch or not self.session.is_open
+
+    def _publish(self, delivery: Delivery, kind: str, exchange: str, body: bytes,
+                 props: pika.BasicProperties, routing_key: str = "") -> None:
+        seq = self.session.publish(exchange, body, props, routing_key)
+        self._confirms.append(Pending(seq, delivery, kind, props.message_id))
+
+    def _republish(self, delivery: Delivery, queue: str, attempts: int,
+                   retry_reason: str | None = None, expiration_ms: int | None = None) -> None:
+        """Put a copy of ``delivery`` into ``queue`` carrying ``attempts``; the input
+        is acked once the copy is confirmed."""
+        source = delivery.properties
+        headers = _copy_headers(delivery, attempts)
+        if retry_reason is not None:
+            headers[hdr.RETRY_REASON] = retry_reason
+        props = pika.BasicProperties(
+            content_type=source.content_type, content_encoding=source.content_encoding,
+            delivery_mode=hdr.PERSISTENT, priority=source.priority,
+            correlation_id=source.correlation_id, reply_to=source.reply_to,
+            # An input without an id gets one, so its outputs keep their ids on retry.
+            message_id=source.message_id or delivery.parent or hdr.new_id(),
+            timestamp=source.timestamp, type=source.type, app_id=source.app_id,
+            headers=headers,
+            expiration=str(expiration_ms) if expiration_ms is not None else None,
+        )
+        self._publish(delivery, COPY, "", delivery.body, props, routing_key=queue)
 
     # -- runner outcomes (Outcomes protocol) ----------------------------------
 
-    def emit(self, delivery: Delivery, body: bytes,
-             headers: dict[str, Any] | None = None) -> None:
-        if delivery.epoch != self.epoch or not self.session.is_open:
+    def emit(self, delivery: Delivery, body: bytes) -> None:
+        if self._stale(delivery):
             return
         if not body:
             self.acker.acked(delivery.tag)
             return
-        props = hdr.output_properties(self.config.output, self.source, delivery.parent,
-                                      headers)
-        seq = self.session.publish(self.output_exchange, body, props)
-        self._confirms.append((seq, delivery))
-
-    def requeue(self, delivery: Delivery) -> None:
-        if delivery.epoch != self.epoch or not self.session.is_open:
+        store, size = self.config.object_store, len(body)
+        if store and (size > self.config.output_threshold or size > self.max_message_size):
+            self._store_output(delivery, body, store)
             return
-        self.session.nack(delivery.tag, requeue=True)
-        self.acker.rejected(delivery.tag)
+        if size > self.max_message_size:
+            self._dead_letter(delivery, retry.OUTPUT_TOO_LARGE,
+                              f"the output of {size} bytes is over the broker's limit of "
+                              f"{self.max_message_size} bytes (max_message_size); configure an "
+                              "object store to pass large outputs by reference", None, "")
+            return
+        self._publish_output(delivery, body, None)
 
-    def dead_letter(self, delivery: Delivery, reason: str, exit_code: int | None,
+    def _publish_output(self, delivery: Delivery, body: bytes,
+                        extra: dict[str, Any] | None) -> None:
+        parent = delivery.parent
+        props = hdr.output_properties(
+            self.config.output, self.source, parent, extra,
+            ident=hdr.derived_id(self.config.operation, parent, 0) if parent else None)
+        self._publish(delivery, OUTPUT, self.output_exchange, body, props)
+
+    def _store_output(self, delivery: Delivery, body: bytes, store: str) -> None:
+        """Write a large output to the object store off the loop thread, then publish
+        a reference to it."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="object-writer")
+        name = hdr.derived_id(self.config.operation, delivery.parent, 0) \
+            if delivery.parent else hdr.new_id()
+        url = f"{store.rstrip('/')}/{self.label}/{name}"
+
+        def write() -> None:
+            try:
+                # BytesIO shares the bytes until written to: no copy of a large output.
+                info = objects.put(url, io.BytesIO(body), "application/octet-stream")
+            except Exception as exc:
+                path = retry.OBJECT_STORE if isinstance(exc, objects.ObjectStoreError) \
+                    else retry.UNEXPECTED
+                error = str(exc) or type(exc).__name__
+                self.ioloop.add_callback_threadsafe(lambda: self.fail(
+                    delivery, path, f"cannot store a {len(body)}-byte output: {error}",
+                    None, ""))
+                return
+            self.ioloop.add_callback_threadsafe(lambda: self._publish_reference(delivery, info))
+
+        self._writer.submit(write)
+
+    def _publish_reference(self, delivery: Delivery, info: objects.ObjectInfo) -> None:
+        if self._stale(delivery):
+            return
+        self._publish_output(delivery, info.url.encode(), {
+            hdr.OBJECT_URL: info.url, hdr.OBJECT_SIZE: info.size,
+            hdr.OBJECT_SHA256: info.sha256, hdr.OBJECT_CONTENT_TYPE: info.content_type})
+
+    def fail(self, delivery: Delivery, path: str, detail: str, exit_code: int | None,
+             stderr: str) -> None:
+        if self._stale(delivery):
+            return
+        definition = self.config.definition
+        if delivery.attempt >= definition.max_attempts:
+            self._dead_letter(delivery, path, detail, exit_code, stderr)
+            return
+        queue_ms, expiration_ms = retry.retry_delay(definition.retry_delay, delivery.attempt)
+        queue = retry_queue(self.config.operation, queue_ms)
+        log.info("%s: attempt %d of %d failed (%s: %s); retrying in %.1fs", self.label,
+                 delivery.attempt, definition.max_attempts, path, detail, expiration_ms / 1000)
+
+        def publish() -> None:
+            if not self._stale(delivery):
+                self._republish(delivery, queue, delivery.attempt, f"{path}: {detail}",
+                                expiration_ms)
+
+        self.session.ensure_queue(queue, retry_queue_arguments(self.config.operation), publish)
+
+    def dead_letter(self, delivery: Delivery, path: str, detail: str, exit_code: int | None,
                     stderr: str) -> None:
-        if delivery.epoch != self.epoch or not self.session.is_open:
+        self._dead_letter(delivery, path, detail, exit_code, stderr)
+
+    def _dead_letter(self, delivery: Delivery, path: str, detail: str, exit_code: int | None,
+                     stderr: str, attempts: int | None = None) -> None:
+        if self._stale(delivery):
             return
+        attempts = delivery.attempt if attempts is None else attempts
+        reason = f"{path}: {detail}"
         log.warning("%s: dead-lettering message %s after %d attempt(s): %s", self.label,
-                    delivery.parent or f"#{delivery.tag}", delivery.attempts, reason)
-        extra = dict(delivery.properties.headers or {})
+                    delivery.parent or f"#{delivery.tag}", attempts, reason)
+        extra = {k: v for k, v in (delivery.properties.headers or {}).items()
+                 if k not in hdr.BROKER_HEADERS and k != hdr.ATTEMPTS}
         extra.update({
             hdr.DEAD_REASON: reason,
-            hdr.DEAD_ATTEMPTS: delivery.attempts,
+            hdr.DEAD_PATH: path,
+            hdr.DEAD_ATTEMPTS: attempts,
             hdr.DEAD_OPERATION: self.config.operation,
             hdr.DEAD_STDERR: stderr,
         })
         if exit_code is not None:
             extra[hdr.DEAD_EXIT_CODE] = exit_code
-        props = hdr.output_properties(self.dead_name, self.source, delivery.parent, extra,
-                                      delivery.properties.content_type)
-        seq = self.session.publish(self.dead_exchange, delivery.body, props)
-        self._confirms.append((seq, delivery))
+        parent = delivery.parent
+        props = hdr.output_properties(
+            self.dead_name, self.source, parent, extra, delivery.properties.content_type,
+            ident=hdr.derived_id(self.config.operation, parent, "dead") if parent else None)
+        self._publish(delivery, DEAD, self.dead_exchange, delivery.body, props)
+

@@ -28,6 +28,8 @@ import pika
 import pika.exceptions
 import pytest
 
+from streamboss.agent.naming import operation_queue_arguments
+
 BROKER_URL = os.environ.get("STREAMBOSS_TEST_BROKER_URL",
                             "amqp://guest:guest@127.0.0.1:5672/%2F")
 BROKER_PORT = 5672
@@ -43,6 +45,18 @@ def stream_exchange(stream: str) -> str:
 
 def op_queue(operation: str) -> str:
     return f"sb.op.{operation}"
+
+
+def operation_queues(operation: str) -> list[str]:
+    """Every queue an agent of ``operation`` may declare: input, solo, dead, retries."""
+    queues = [op_queue(operation), f"sb.solo.{operation}", f"sb.dead.{operation}"]
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        listed = httpx.get("http://127.0.0.1:15672/api/queues/%2F?columns=name",
+                           auth=("guest", "guest"), timeout=5).json()
+        prefix = f"sb.retry.{operation}."
+        queues += [q["name"] for q in listed
+                   if q["name"].startswith(prefix) and q["name"][len(prefix):].isdigit()]
+    return queues
 
 
 # -- names ---------------------------------------------------------------------
@@ -142,6 +156,7 @@ class Broker:
         self.publisher.confirm_delivery()
         self._exchanges: set[str] = set()
         self._queues: set[str] = set()
+        self._operations: set[str] = set()
 
     # topology
 
@@ -153,14 +168,17 @@ class Broker:
 
     def forget_operation(self, operation: str) -> None:
         """Delete what an agent of ``operation`` declares, at teardown."""
-        self._queues.add(op_queue(operation))
+        self._operations.add(operation)
         self._exchanges.add(stream_exchange(f"{operation}.dead"))
 
     def declare_operation_queue(self, operation: str, source: str) -> None:
         """Create ``sb.op.<operation>`` the way the agent does (and the manager will), so a
         backlog can be published before any agent runs."""
         self.forget_operation(operation)
-        self.channel.queue_declare(op_queue(operation), durable=True)
+        self.channel.exchange_declare(stream_exchange(f"{operation}.dead"), "topic",
+                                      durable=True)
+        self.channel.queue_declare(op_queue(operation), durable=True,
+                                   arguments=operation_queue_arguments(operation))
         self.channel.queue_bind(op_queue(operation), stream_exchange(source), routing_key="#")
 
     def exchange_exists(self, exchange: str) -> bool:
@@ -229,6 +247,8 @@ class Broker:
             if not self.connection.is_open:
                 self.connection = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
             channel = self.connection.channel()
+            for operation in sorted(self._operations):
+                self._queues.update(operation_queues(operation))
             for queue in sorted(self._queues):
                 channel.queue_delete(queue)
             for exchange in sorted(self._exchanges):
@@ -749,7 +769,7 @@ class ManagerPool:
         try:
             channel = connection.channel()
             for name in sorted(self._names):
-                for kind, target in (("queue", op_queue(name)), ("queue", f"sb.dead.{name}"),
+                for kind, target in (*(("queue", q) for q in operation_queues(name)),
                                      ("queue", f"sb.sub.archive.{name}"),
                                      ("exchange", stream_exchange(name)),
                                      ("exchange", stream_exchange(f"{name}.dead"))):

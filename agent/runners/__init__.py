@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from pika.adapters.select_connection import IOLoop
 
@@ -10,21 +10,28 @@ from ..delivery import Delivery
 
 
 class Outcomes(Protocol):
-    """What a runner reports back; every call happens on the agent's loop thread."""
+    """What a runner reports back; every call happens on the agent's loop thread.
+
+    ``path`` is one of :data:`streamboss.agent.retry.PATHS`; ``detail`` says what
+    happened on it ("exited with code 3").
+    """
 
     ioloop: IOLoop
+    # The broker connection now: work for a delivery of an older epoch is dropped
+    # (the broker has taken the delivery back and will hand it out again).
+    epoch: int
 
-    def emit(self, delivery: Delivery, body: bytes,
-             headers: dict[str, Any] | None = None) -> None:
-        """The program turned ``delivery`` into ``body`` (empty: no output); ``headers``
-        are added to the output's own (an object reference's, say)."""
+    def emit(self, delivery: Delivery, body: bytes) -> None:
+        """The program turned ``delivery`` into ``body`` (empty: no output)."""
 
-    def dead_letter(self, delivery: Delivery, reason: str, exit_code: int | None,
+    def fail(self, delivery: Delivery, path: str, detail: str, exit_code: int | None,
+             stderr: str) -> None:
+        """This attempt failed: ``delivery`` is retried later if it has attempts left,
+        else dead-lettered."""
+
+    def dead_letter(self, delivery: Delivery, path: str, detail: str, exit_code: int | None,
                     stderr: str) -> None:
-        """Give up on ``delivery`` after its attempts; ``delivery.attempts`` says how many."""
-
-    def requeue(self, delivery: Delivery) -> None:
-        """Hand ``delivery`` back to the broker untouched (the agent, not the message, failed)."""
+        """Give up on ``delivery`` now: retrying cannot help (a malformed record)."""
 
 
 class Runner(Protocol):
@@ -33,6 +40,9 @@ class Runner(Protocol):
 
     def submit(self, delivery: Delivery) -> None:
         """Feed one record; its outcome is reported later through :class:`Outcomes`."""
+
+    def reset(self) -> None:
+        """The broker connection was lost: forget every delivery handed in so far."""
 
     def stop(self) -> None:
         """Stop all children; called once nothing is in flight, or on a hard exit."""

@@ -10,35 +10,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
-import io
 import logging
 import subprocess
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
 
-from .. import objects
+from .. import objects, retry
 from ..config import ProcessDefinition
 from ..delivery import Delivery
-from ..headers import (
-    OBJECT_CONTENT_TYPE,
-    OBJECT_SHA256,
-    OBJECT_SIZE,
-    OBJECT_URL,
-    object_reference,
-)
+from ..headers import object_reference
 from ..process import StderrTail, child_env, exit_reason, kill_group, spawn
 from . import Outcomes
 
 log = logging.getLogger(__name__)
 
-# A failing program is retried after a short pause so that a program that
-# fails because something it needs is briefly away gets a second chance.
-RETRY_DELAY = 0.2
-RETRY_DELAY_MAX = 5.0
 # Large enough to keep the pipe full, small enough that a big object never is.
 FEED_CHUNK = 1024 * 1024
 
@@ -163,13 +151,15 @@ def run_once(argv: list[str], env: dict[str, str], body: bytes | ObjectFeed,
 
 
 class PerMessageRunner:
-    """Runs up to ``concurrency`` children at once."""
+    """Runs up to ``concurrency`` children at once, one attempt per delivery.
+
+    A failed attempt is reported, not repeated here: the agent republishes the
+    message to wait out its retry delay on the broker, so a failing message
+    never holds a worker.
+    """
 
     def __init__(self, definition: ProcessDefinition, concurrency: int, outcomes: Outcomes,
-                 label: str, object_store: str | None = None,
-                 output_threshold: int | None = None) -> None:
-        self.object_store = object_store.rstrip("/") if object_store else None
-        self.output_threshold = output_threshold
+                 label: str) -> None:
         self.definition = definition
         self.outcomes = outcomes
         self.label = label
@@ -179,7 +169,6 @@ class PerMessageRunner:
                                         thread_name_prefix=f"{label}-child")
         self._live: set[subprocess.Popen[bytes]] = set()
         self._watchdog = Watchdog()
-        self._stopped = threading.Event()
 
     def start(self) -> None:
         pass
@@ -187,77 +176,59 @@ class PerMessageRunner:
     def submit(self, delivery: Delivery) -> None:
         self._pool.submit(self._guarded, delivery)
 
+    def reset(self) -> None:
+        # Queued work checks its epoch before it starts (see _guarded); children
+        # already running finish and their results are dropped by the agent.
+        pass
+
     def _guarded(self, delivery: Delivery) -> None:
+        if delivery.epoch != self.outcomes.epoch:
+            return  # queued under a connection that is gone: the broker has it again
         try:
             self._work(delivery)
-        except Exception:
-            # Our fault, not the message's: hand it back rather than hold it forever.
-            log.exception("%s: agent error while running a message; requeueing it", self.label)
-            self._report(self.outcomes.requeue, delivery)
+        except Exception as exc:
+            # Our fault more likely than the message's, but a message that keeps
+            # triggering it must still end: it is charged an attempt like any failure.
+            log.exception("%s: agent error while running a message", self.label)
+            self._report(self.outcomes.fail, delivery, retry.UNEXPECTED,
+                         f"{type(exc).__name__}: {exc}", None, "")
 
     def stop(self) -> None:
         # Called once nothing is in flight, or on a hard exit: anything still
         # running is abandoned to the broker's redelivery.
-        self._stopped.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         for child in list(self._live):
             kill_group(child)
 
     def _work(self, delivery: Delivery) -> None:
         definition = self.definition
-        delay = RETRY_DELAY
         reference = object_reference(delivery.properties)
-        while True:
-            stderr = StderrTail(self.label)
-            feed = ObjectFeed(reference[0]) if reference else None
-            result = run_once(self._argv, self._env, feed or delivery.body, definition.timeout,
-                              stderr, self._live, self._watchdog)
-            delivery.attempts += 1
-            if reference and feed:
-                problem = feed.error or (
-                    None if feed.sha256.hexdigest() == reference[1]
-                    else f"object digest mismatch: {reference[0]} has sha256 "
-                         f"{feed.sha256.hexdigest()}, the reference says {reference[1]}")
-                if problem:
-                    # A missing or corrupt object does not heal by retrying.
-                    self._report(self.outcomes.dead_letter, delivery, problem, None,
-                                 stderr.text())
-                    return
-            if result.returncode == 0 and not result.timed_out:
-                self._emit(delivery, result.stdout)
+        stderr = StderrTail(self.label)
+        feed = ObjectFeed(reference[0]) if reference else None
+        result = run_once(self._argv, self._env, feed or delivery.body, definition.timeout,
+                          stderr, self._live, self._watchdog)
+        if reference and feed:
+            if feed.error:
+                self._report(self.outcomes.fail, delivery, retry.OBJECT_STORE, feed.error,
+                             None, stderr.text())
                 return
-            if result.timed_out:
-                reason = f"timed out after {definition.timeout:g}s"
-            else:
-                reason = f"program {exit_reason(result.returncode)}"
-            if delivery.attempts >= definition.max_attempts:
-                code = None if result.timed_out else result.returncode
-                self._report(self.outcomes.dead_letter, delivery, reason, code, stderr.text())
+            digest = feed.sha256.hexdigest()
+            if digest != reference[1]:
+                # A corrupt object does not heal by retrying.
+                self._report(self.outcomes.dead_letter, delivery, retry.OBJECT_STORE,
+                             f"object digest mismatch: {reference[0]} has sha256 {digest}, "
+                             f"the reference says {reference[1]}", None, stderr.text())
                 return
-            log.info("%s: attempt %d of %d failed (%s); retrying", self.label,
-                     delivery.attempts, definition.max_attempts, reason)
-            if self._stopped.wait(delay):
-                return
-            delay = min(delay * 2, RETRY_DELAY_MAX)
-
-    def _emit(self, delivery: Delivery, output: bytes) -> None:
-        """Publish ``output``, or store it and publish a reference when it is too large
-        for a message (the broker refuses bodies over its frame limit)."""
-        threshold = self.output_threshold
-        if self.object_store is None or threshold is None or len(output) <= threshold:
-            self._report(self.outcomes.emit, delivery, output)
+        if result.returncode == 0 and not result.timed_out:
+            self._report(self.outcomes.emit, delivery, result.stdout)
             return
-        url = f"{self.object_store}/{self.label}/{uuid.uuid4().hex}"
-        try:
-            info = objects.put(url, io.BytesIO(output), "application/octet-stream")
-        except objects.ObjectStoreError as exc:
-            log.error("%s: cannot store a %d-byte output (%s); requeueing its input",
-                      self.label, len(output), exc)
-            self._report(self.outcomes.requeue, delivery)
-            return
-        self._report(self.outcomes.emit, delivery, info.url.encode(), {
-            OBJECT_URL: info.url, OBJECT_SIZE: info.size, OBJECT_SHA256: info.sha256,
-            OBJECT_CONTENT_TYPE: info.content_type})
+        if result.timed_out:
+            self._report(self.outcomes.fail, delivery, retry.TIMED_OUT,
+                         f"timed out after {definition.timeout:g}s", None, stderr.text())
+        else:
+            self._report(self.outcomes.fail, delivery, retry.PROGRAM_FAILED,
+                         f"program {exit_reason(result.returncode)}", result.returncode,
+                         stderr.text())
 
     def _report(self, callback: object, *args: object) -> None:
         self.outcomes.ioloop.add_callback_threadsafe(lambda: callback(*args))  # type: ignore[operator]

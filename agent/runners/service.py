@@ -5,10 +5,10 @@ answers are matched to them in order, so the child is never idle waiting for
 a round trip. All pipe I/O is non-blocking on the agent's own loop: no thread
 hand-offs on the hot path.
 
-When the child dies or overruns the timeout, the oldest unanswered record is
-charged an attempt (a child answers in order, so that is the record it was
-working on), the child is restarted with backoff and every unanswered record
-is fed to the new child again.
+When the child dies or overruns the timeout, the oldest unanswered record
+fails (a child answers in order, so that is the record it was working on: the
+agent retries or dead-letters it), the child is restarted with backoff and
+every other unanswered record is fed to the new child.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import subprocess
 import time
 from collections import deque
 
+from .. import retry
 from ..config import ProcessDefinition
 from ..delivery import Delivery
 from ..framing import Decoder, FramingError, encode
@@ -73,12 +74,13 @@ class ServiceRunner:
     def submit(self, delivery: Delivery) -> None:
         if object_reference(delivery.properties):
             self.outcomes.dead_letter(
-                delivery, "object references are resolved in per-message mode only", None, "")
+                delivery, retry.BAD_INPUT,
+                "object references are resolved in per-message mode only", None, "")
             return
         try:
             frame = encode(self.definition.framing, delivery.body)
         except FramingError as exc:
-            self.outcomes.dead_letter(delivery, str(exc), None, "")
+            self.outcomes.dead_letter(delivery, retry.BAD_INPUT, str(exc), None, "")
             return
         if not self._inflight:
             self._head_since = time.monotonic()
@@ -90,6 +92,23 @@ class ServiceRunner:
                 # turn carries the whole burst to the child.
                 self._write_scheduled = True
                 self.ioloop.call_later(0, self._scheduled_write)
+
+    def reset(self) -> None:
+        """The connection is gone: its deliveries are the broker's again. The child may
+        be half way through them, and its answers would be matched to the records of
+        the next connection, so it is replaced."""
+        self._inflight.clear()
+        self._pending_write.clear()
+        child = self._child
+        if child is None:
+            return  # a restart is already scheduled
+        log.info("%s: connection lost; restarting the service process", self.label)
+        kill_group(child)
+        self._close_fds()
+        child.wait()
+        self._child = None
+        self._stderr.flush()
+        self._spawn()
 
     def stop(self) -> None:
         self._stopped = True
@@ -193,17 +212,15 @@ class ServiceRunner:
         if self._stopped:
             return
         if self._killed_for_timeout:
-            reason, code = f"timed out after {self.definition.timeout:g}s", None
+            path, reason = retry.TIMED_OUT, f"timed out after {self.definition.timeout:g}s"
+            code = None
         else:
-            reason, code = f"service process {exit_reason(child.returncode)}", child.returncode
+            path, reason = retry.PROGRAM_FAILED, f"service process {exit_reason(child.returncode)}"
+            code = child.returncode
         log.warning("%s: service process %d %s with %d record(s) unanswered", self.label,
                     child.pid, reason, len(self._inflight))
         if self._inflight:
-            head = self._inflight[0]
-            head.attempts += 1
-            if head.attempts >= self.definition.max_attempts:
-                self._inflight.popleft()
-                self.outcomes.dead_letter(head, reason, code, self._stderr.text())
+            self.outcomes.fail(self._inflight.popleft(), path, reason, code, self._stderr.text())
         self._schedule_restart()
 
     def _drain_stderr(self, child: subprocess.Popen[bytes]) -> None:
