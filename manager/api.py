@@ -26,6 +26,7 @@ from .broker import Broker, BrokerUnavailable
 from .graph import render_graph
 from .model import Archive
 from .reconciler import Reconciler
+from .routes import dead_letters as dead_letter_routes
 from .store import Store, StoreError
 
 
@@ -267,4 +268,5 @@ def create_app(manager: Manager) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    app.include_router(dead_letter_routes.router(manager), dependencies=v1)
     return app

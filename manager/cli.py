@@ -24,6 +24,12 @@ from streamboss.agent.cli import agent_command, run_cli
 from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL, OBJECT_STORE_ENV
 
 from .client import DEFAULT_HOST, DEFAULT_PORT, Client, ClientError
+from .commands.common import OUTPUT
+from .commands.common import call as _call
+from .commands.common import emit as _emit
+from .commands.common import fail as _fail
+from .commands.common import table as _table
+from .commands.dead_letters import dead
 from .model import ScalingPolicy
 from .paths import objects_dir, state_dir
 from .publisher import ConfirmedPublisher, PublishError
@@ -31,39 +37,6 @@ from .replay import ReplayError, parse_time, to_message
 from .replay import check_window as check_replay_window
 from .replay import select as select_records
 from .streams_io import StreamError, check_stream, consume, publish
-
-OUTPUT = click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]),
-                      default="table", show_default=True, help="Human table or JSON.")
-
-
-def _fail(exc: Exception) -> None:
-    raise click.ClickException(str(exc)) from None
-
-
-def _call(method: str, path: str, **kwargs: Any) -> Any:
-    try:
-        return Client().request(method, path, **kwargs)
-    except ClientError as exc:
-        _fail(exc)
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    if not rows:
-        click.echo("(none)")
-        return
-    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))
-               .rstrip())
-    for row in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _emit(data: Any, fmt: str, columns: list[str] | None = None) -> None:
-    if fmt == "json" or columns is None:
-        click.echo(json.dumps(data, indent=2))
-    else:
-        _table(data if isinstance(data, list) else [data], columns)
 
 
 def _broker_url() -> str:
@@ -81,6 +54,7 @@ def cli() -> None:
 
 
 cli.add_command(agent_command)
+cli.add_command(dead)
 
 # -- running ------------------------------------------------------------------------
 

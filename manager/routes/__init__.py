@@ -1,0 +1,2 @@
+"""The manager's HTTP API by resource: one ``APIRouter`` module per resource, which
+``api.create_app`` includes."""
