@@ -12,6 +12,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from streamboss.agent.naming import dead_queue, operation_queue_arguments, solo_queue
 from tools.bench.relays import PERSISTENT, body, parameters
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -78,13 +79,16 @@ class Admin:
         ch = self.channel
         for exchange in (names.input_exchange, names.output_exchange):
             ch.exchange_declare(exchange, exchange_type="topic", durable=True)
-        ch.queue_declare(names.queue, durable=True)
+        # The agent's queue as the agent declares it (a quorum queue).
+        ch.queue_declare(names.queue, durable=True,
+                         arguments=operation_queue_arguments(names.operation))
         ch.queue_bind(names.queue, names.input_exchange, routing_key="#")
         ch.queue_declare(names.capture, durable=True)
         ch.queue_bind(names.capture, names.output_exchange, routing_key="#")
 
     def teardown(self, names: Names) -> None:
-        self.delete([names.queue, names.capture],
+        self.delete([names.queue, names.capture, solo_queue(names.operation),
+                     dead_queue(names.operation)],
                     [names.input_exchange, names.output_exchange, names.dead_exchange])
 
     def delete(self, queues: list[str], exchanges: list[str]) -> None:
