@@ -3,7 +3,9 @@
 A pure library, no broker code. The archiver feeds received messages to a
 :class:`SegmentWriter`, rolls it by size or age, uploads it with
 :meth:`SegmentWriter.finish` (acking the messages only after that returns) and
-records it in the stream's :class:`ArchiveIndex`; a replay calls :func:`select`.
+records it in the stream's :class:`ArchiveIndex`; a replay calls :func:`select`,
+which skips a record whose id it has already given within the last
+``dedup.DEFAULT_WINDOW`` ids (delivery into an archive is at-least-once).
 
 Layout under an archive prefix (``file:///abs/dir`` or ``s3://bucket/prefix``)::
 
@@ -63,6 +65,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import IO, Any, NamedTuple
 
 from . import naming, objects
+from .dedup import DEFAULT_WINDOW, SeenIds
 from .headers import ID, PRODUCED_AT
 
 SEGMENT_SUFFIX = ".sbseg.gz"
@@ -627,6 +630,18 @@ class ArchiveIndex:
 # ---------------------------------------------------------------- selection
 
 
+def record_id(record: Record) -> str | None:
+    """A record's message id: its ``sb-id`` header, else its AMQP message-id (the
+    same id ``headers.message_id`` gives a received message)."""
+    value = record.headers.get(ID)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str) and value:
+        return value
+    fallback = record.properties.get("message_id")
+    return fallback if isinstance(fallback, str) and fallback else None
+
+
 def select(
     prefix: str,
     stream: str,
@@ -635,15 +650,24 @@ def select(
     *,
     endpoint_url: str | None = None,
     index: ArchiveIndex | None = None,
+    dedup_window: int = DEFAULT_WINDOW,
 ) -> Iterator[Record]:
-    """The archived records of ``stream`` with ``from_ts <= t < until_ts``, in original order.
+    """The archived records of ``stream`` with ``from_ts <= t < until_ts``, in original
+    order, each id once.
+
+    Delivery into an archive is at-least-once: an archiver that lost its
+    connection after storing a segment stores the redelivered messages again,
+    right after. A record whose id (:func:`record_id`) is among the last
+    ``dedup_window`` distinct ids given is skipped; 0 gives every stored record
+    (:func:`iter_records` reads one segment as stored). Records without an id
+    are always given.
 
     The window and the index are checked when this is called, not at the first
     record; the segments are then streamed one at a time. Pass ``index`` when it
     is loaded already.
 
     Raises:
-        ValueError: ``from_ts`` is after ``until_ts``.
+        ValueError: ``from_ts`` is after ``until_ts``, or ``dedup_window`` < 0.
         NoArchiveError: the stream has no archive under ``prefix``.
         SegmentCorruptError: while iterating, a segment is truncated or corrupt.
     """
@@ -651,6 +675,7 @@ def select(
         raise ValueError(
             f"empty time window: --from is after --until ({from_ts} > {until_ts})"
         )
+    seen = SeenIds(dedup_window)
     if index is None:
         index = ArchiveIndex.load(prefix, stream, endpoint_url=endpoint_url)
     if not index.segments:
@@ -666,6 +691,8 @@ def select(
                 if from_ts is not None and record.timestamp < from_ts:
                     continue
                 if until_ts is not None and record.timestamp >= until_ts:
+                    continue
+                if not seen.first_time(record_id(record)):
                     continue
                 yield record
 

@@ -349,8 +349,12 @@ def publish_(stream: str, messages: tuple[str, ...]) -> None:
 @click.option("--fetch", "fetch_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write referenced objects into this directory (digest checked) and print "
                    "their paths instead of the references.")
+@click.option("--dedup", type=click.IntRange(min=1), metavar="N",
+              help="Drop a message whose id (sb-id, else its AMQP message-id) is among the "
+                   "last N distinct ids shown: the duplicates at-least-once delivery makes. "
+                   "Messages without an id are always shown; --count counts shown ones.")
 def consume_(stream: str, count: int | None, timeout: float | None, raw: bool,
-             fmt: str, fetch_dir: Path | None) -> None:
+             fmt: str, fetch_dir: Path | None, dedup: int | None) -> None:
     """Print each message of STREAM as it arrives (Ctrl-C stops)."""
     out = sys.stdout.buffer
     if fetch_dir is not None:
@@ -387,7 +391,7 @@ def consume_(stream: str, count: int | None, timeout: float | None, raw: bool,
         out.flush()
 
     try:
-        consume(_broker_url(), stream, show, count=count, timeout=timeout)
+        consume(_broker_url(), stream, show, count=count, timeout=timeout, dedup=dedup or 0)
     except (StreamError, objects.ObjectStoreError) as exc:
         _fail(exc)
     except KeyboardInterrupt:

@@ -2,14 +2,15 @@
 
 Records go out in their archived order with their original headers (``sb-id``
 included) and basic properties, plus ``sb-replayed-from`` naming the archived
-stream. Everything that can be wrong with a request (times, window, archive,
-target stream) is found before the first message is published.
+stream; a duplicate the archive holds (at-least-once delivery into it) goes out
+once, as ``archive.select`` skips an id given within its last 100,000.
+Everything that can be wrong with a request (times, window, archive, target
+stream) is found before the first message is published.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,12 +18,7 @@ import pika
 
 from streamboss.agent import archive, objects
 from streamboss.agent.archive import ArchiveError, ArchiveIndex, Record
-from streamboss.agent.headers import ID, PERSISTENT, REPLAYED_FROM
-
-# An archiver that lost its connection after storing a segment but before its
-# ack gets those messages again; they sit right after the originals, so a
-# short memory of ids is enough to publish each only once.
-DEDUPE_MEMORY = 100_000
+from streamboss.agent.headers import PERSISTENT, REPLAYED_FROM
 
 
 class ReplayError(ValueError):
@@ -71,7 +67,8 @@ class Selection:
 
 def select(store: str, stream: str, from_ts: float | None, until_ts: float | None,
            endpoint_url: str | None = None) -> Selection:
-    """Find ``stream``'s archive under ``store`` and the segments of the window.
+    """Find ``stream``'s archive under ``store`` and the segments of the window; the
+    records come each id once (see ``archive.select``).
 
     Raises:
         ReplayError: no archive, or the store cannot be read.
@@ -88,23 +85,7 @@ def select(store: str, stream: str, from_ts: float | None, until_ts: float | Non
     except (ArchiveError, objects.ObjectStoreError) as exc:
         raise ReplayError(str(exc)) from None
     segments = index.segments_for(from_ts, until_ts)
-    return Selection(_once(records), sum(s.count for s in segments), len(segments))
-
-
-def _once(records: Iterator[Record]) -> Iterator[Record]:
-    """Skip a record whose ``sb-id`` was published within the last DEDUPE_MEMORY ones."""
-    seen: set[str] = set()
-    order: deque[str] = deque()
-    for record in records:
-        ident = record.headers.get(ID)
-        if isinstance(ident, str):
-            if ident in seen:
-                continue
-            seen.add(ident)
-            order.append(ident)
-            if len(order) > DEDUPE_MEMORY:
-                seen.discard(order.popleft())
-        yield record
+    return Selection(records, sum(s.count for s in segments), len(segments))
 
 
 def to_message(record: Record, source_stream: str) -> tuple[bytes, pika.BasicProperties]:

@@ -9,7 +9,8 @@ import pika
 import pika.exceptions
 
 from streamboss.agent.broker import explain_close
-from streamboss.agent.headers import output_properties
+from streamboss.agent.dedup import SeenIds
+from streamboss.agent.headers import message_id, output_properties
 from streamboss.agent.naming import stream_exchange
 
 SOURCE = "/streamboss/cli"
@@ -70,13 +71,19 @@ def publish(url: str, stream: str, messages: Iterable[bytes],
 
 
 def consume(url: str, stream: str, on_message: Callable[[bytes, pika.BasicProperties], None],
-            count: int | None = None, timeout: float | None = None) -> int:
+            count: int | None = None, timeout: float | None = None, dedup: int = 0) -> int:
     """Follow ``stream`` through an exclusive queue until ``count`` messages or ``timeout``
-    seconds without one; return how many arrived.
+    seconds without one; return how many were handed to ``on_message``.
+
+    With ``dedup`` > 0, a message whose id (``sb-id``, else the AMQP message-id)
+    is among the last ``dedup`` distinct ids handed over is acked and dropped: it
+    is not handed over and not counted. Messages without an id are always handed
+    over.
 
     Raises:
         StreamError: the broker is away or the stream does not exist.
     """
+    seen = SeenIds(dedup) if dedup > 0 else None
     connection = _connect(url)
     received = 0
     try:
@@ -88,6 +95,9 @@ def consume(url: str, stream: str, on_message: Callable[[bytes, pika.BasicProper
         for method, properties, body in channel.consume(queue, inactivity_timeout=timeout):
             if method is None:
                 break
+            if seen is not None and not seen.first_time(message_id(properties)):
+                channel.basic_ack(method.delivery_tag)
+                continue
             on_message(body, properties)
             channel.basic_ack(method.delivery_tag)
             received += 1
