@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
@@ -22,9 +24,13 @@ from pika.adapters.blocking_connection import BlockingChannel
 from streamboss.agent.broker import explain_close
 from streamboss.agent.naming import (
     OPERATION_PREFIX,
+    RETRY_PREFIX,
     archive_queue,
+    dead_queue,
     dead_stream,
     operation_queue,
+    operation_queue_arguments,
+    solo_queue,
     stream_exchange,
 )
 
@@ -46,6 +52,26 @@ class QueueState:
     # Another connection's exclusive queue: its depth is hidden from us, but it
     # lives exactly as long as the connection that consumes from it.
     locked: bool = False
+
+
+@dataclass(frozen=True)
+class QueueDeclaration:
+    """How a queue was declared, as the management API reports it."""
+
+    type: str
+    arguments: dict[str, Any]
+    durable: bool
+    auto_delete: bool
+    exclusive: bool
+
+    def matches(self, arguments: dict[str, Any]) -> bool:
+        """Whether this is the durable queue that declaring with ``arguments`` makes.
+
+        Exact, where a redeclare only compares the arguments the broker checks.
+        """
+        return (self.durable and not self.auto_delete and not self.exclusive
+                and self.type == arguments.get("x-queue-type", "classic")
+                and self.arguments == arguments)
 
 
 @dataclass(frozen=True)
@@ -117,23 +143,59 @@ class Broker:
     def delete_stream(self, name: str) -> None:
         self.channel().exchange_delete(stream_exchange(name))
 
-    def ensure_operation(self, name: str, input_stream: str) -> None:
-        """The operation's queue bound to its input, and its dead-letter stream."""
-        channel = self.channel()
-        channel.exchange_declare(stream_exchange(dead_stream(name)), "topic", durable=True)
-        channel.queue_declare(operation_queue(name), durable=True)
-        channel.queue_bind(operation_queue(name), stream_exchange(input_stream), "#")
+    def ensure_operation(self, name: str, input_stream: str) -> bool:
+        """The operation's queues as the wire contract declares them: the dead-letter
+        stream and its kept queue, then ``sb.op.<name>`` bound to its input and
+        ``sb.solo.<name>``, both quorum queues.
+
+        Returns:
+            False when ``sb.op``/``sb.solo`` exists with other arguments (a classic
+            queue of the previous release): it is left as it is, not bound, for
+            :mod:`.queue_migration` to move; True when everything is declared.
+        """
+        self.ensure_dead_queue(name, dead_queue(name))
+        arguments = operation_queue_arguments(name)
+        if not self.declare_queue(operation_queue(name), arguments):
+            return False
+        self.channel().queue_bind(operation_queue(name), stream_exchange(input_stream), "#")
+        return self.declare_queue(solo_queue(name), arguments)
 
     def ensure_dead_queue(self, operation: str, queue: str) -> None:
         """Keep ``operation``'s dead letters in ``queue``: a stream drops what nobody holds."""
         channel = self.channel()
+        channel.exchange_declare(stream_exchange(dead_stream(operation)), "topic", durable=True)
         channel.queue_declare(queue, durable=True)
         channel.queue_bind(queue, stream_exchange(dead_stream(operation)), "#")
 
-    def delete_operation(self, name: str, dead_queue: str) -> None:
-        """Remove the operation's queue, and its dead-letter queue and stream when empty."""
+    def declare_queue(self, queue: str, arguments: dict[str, Any]) -> bool:
+        """Declare durable ``queue`` with ``arguments``; False, changing nothing, when
+        a queue of that name exists with other ones (the broker's 406)."""
+        try:
+            self.channel().queue_declare(queue, durable=True, arguments=arguments)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._channel = None
+            if exc.reply_code != 406:
+                raise
+            return False
+        return True
+
+    def delete_operation(self, name: str, dead_queue: str, also: Iterable[str] = ()) -> bool:
+        """Remove the operation's queues (input, solo, every retry queue, and the
+        queues named in ``also``), and its dead-letter queue and stream when empty.
+
+        Returns:
+            False when the retry queues could not be listed (the management API is
+            away): call again later; everything else is done.
+        """
+        try:
+            retries = self.retry_queues(name)
+        except BrokerUnavailable as exc:
+            log.warning("%s; the retry queues of deleted operation %s are deleted once it "
+                        "answers", exc, name)
+            retries = None
         channel = self.channel()
-        channel.queue_delete(operation_queue(name))
+        for queue in (*(retries or ()), operation_queue(name), solo_queue(name), *also):
+            channel.queue_delete(queue)
         try:
             channel.queue_delete(dead_queue, if_empty=True)
         except pika.exceptions.ChannelClosedByBroker as exc:
@@ -141,8 +203,56 @@ class Broker:
             self._channel = None
             if exc.reply_code != 406:
                 raise
-            return
-        channel.exchange_delete(stream_exchange(dead_stream(name)))
+        else:
+            channel.exchange_delete(stream_exchange(dead_stream(name)))
+        return retries is not None
+
+    def retry_queues(self, operation: str) -> list[str]:
+        """The ``sb.retry.<operation>.<ms>`` queues agents declared, by listing them:
+        their delays are the agents' to choose. Only digits after the prefix, so
+        operation ``a`` never claims ``a.b``'s.
+
+        Raises:
+            BrokerUnavailable: the management API cannot be reached.
+        """
+        prefix = f"{RETRY_PREFIX}{operation}."
+        listed = self._management_json(f"/api/queues/{quote(self.vhost, safe='')}",
+                                       {"columns": "name", "disable_stats": "true"})
+        return sorted(q["name"] for q in listed or ()
+                      if q["name"].startswith(prefix) and q["name"][len(prefix):].isdigit())
+
+    def queue_declaration(self, queue: str) -> QueueDeclaration | None:
+        """How ``queue`` was declared (type and arguments); None when it does not exist.
+
+        Raises:
+            BrokerUnavailable: the management API cannot be reached.
+        """
+        body = self._management_json(
+            f"/api/queues/{quote(self.vhost, safe='')}/{quote(queue, safe='')}")
+        if body is None:
+            return None
+        return QueueDeclaration(str(body.get("type", "classic")), dict(body.get("arguments") or {}),
+                                bool(body.get("durable")), bool(body.get("auto_delete")),
+                                bool(body.get("exclusive")))
+
+    def _management_json(self, path: str, params: dict[str, str] | None = None) -> Any:
+        """The management API's answer for ``path``; None on 404.
+
+        Raises:
+            BrokerUnavailable: it cannot be reached or refuses us.
+        """
+        try:
+            response = self._http.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise BrokerUnavailable(
+                f"cannot reach RabbitMQ's management API at {self.management_url} ({exc}): "
+                "enable it with `rabbitmq-plugins enable rabbitmq_management`") from None
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise BrokerUnavailable(f"management API answered {response.status_code} for "
+                                    f"{path}: check the broker user's management tag")
+        return response.json()
 
     def ensure_archive(self, stream: str) -> None:
         """The archive's durable subscription, bound to every message of ``stream``."""

@@ -25,6 +25,7 @@ from streamboss.agent.naming import (
 from .broker import Broker, BrokerUnavailable, Subscriber
 from .dispatch_local import archiver_pool
 from .model import Archive, Definition, Operation
+from .queue_migration import MigrationBlocked, migrate, migration_queues, pending
 from .scaling import ScaleState, decide
 from .store import Store
 
@@ -128,6 +129,10 @@ class Reconciler:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._retiring: set[str] = set()
+        # Operations whose queues are of another kind (the previous release's) and not
+        # migrated yet: held at zero agents. The value is the one line that says why it
+        # cannot go on, or None while it can.
+        self.held: dict[str, str | None] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
@@ -148,7 +153,7 @@ class Reconciler:
         while not self._stop.is_set():
             try:
                 self.run_pass()
-                self.last_error = None
+                self.last_error = "; ".join(filter(None, self.held.values())) or None
             except BrokerUnavailable as exc:
                 if self.last_error != str(exc):
                     log.error("%s", exc)
@@ -170,6 +175,10 @@ class Reconciler:
             if now - self._topology_at >= TOPOLOGY_REFRESH:
                 self._apply_topology(operations)
                 self._topology_at = now
+            else:  # a migration interrupted by a race goes on now; a blocked one waits
+                for op in operations:
+                    if op.name in self.held and self.held[op.name] is None:
+                        self._ensure_operation(op)
             subscribers = self._observe(operations)
             wanted = (wanted_operations(operations, subscribers) if self.management
                       else {op.name for op in operations})
@@ -183,6 +192,8 @@ class Reconciler:
                 backlog = queue.messages if queue else 0
                 state = self.states.setdefault(op.name, ScaleState())
                 count = decide(op.policy, state, op.name in wanted, backlog, now)
+                if op.name in self.held:
+                    count = 0
                 self.dispatcher.scale(op, definition, count)
                 dead = self.broker.queue_state(dead_queue(op.name))
                 agents = self.dispatcher.status(op.name)
@@ -228,25 +239,50 @@ class Reconciler:
 
     def _retire(self, declared: set[str]) -> None:
         """Delete a deleted operation's queue once its agents are gone: an agent
-        still draining would declare the queue again on reconnect."""
+        still draining would declare the queue again on reconnect. Its retry queues
+        and any migration's temporary queues go with it."""
+        for name in set(self.held) - declared:
+            del self.held[name]
         for name in list(self._retiring):
             if name in declared:
                 self._retiring.discard(name)
                 continue
             agents = self.dispatcher.status(name)
-            if agents["running"] == 0 and agents["draining"] == 0:
-                self.broker.delete_operation(name, dead_queue(name))
+            if (agents["running"] == 0 and agents["draining"] == 0
+                    and self.broker.delete_operation(name, dead_queue(name),
+                                                     also=migration_queues(name))):
                 self._retiring.discard(name)
 
     def _apply_topology(self, operations: list[Operation]) -> None:
         for stream in self.store.streams():
             self.broker.ensure_stream(stream.name)
         for op in operations:
-            self.broker.ensure_operation(op.name, op.input)
-            self.broker.ensure_dead_queue(op.name, dead_queue(op.name))
+            self._ensure_operation(op)
         for archive in self.store.archives():
             if archive.active:
                 self.broker.ensure_archive(archive.stream)
+
+    def _ensure_operation(self, op: Operation) -> None:
+        """Declare ``op``'s queues, first moving those declared otherwise (by the
+        previous release) onto queues of this release's kind: see
+        :mod:`.queue_migration`. Until that is done the operation is held at zero
+        agents, which the old queue would refuse anyway."""
+        moves = pending(self.broker, op.name, op.input)
+        if moves:
+            self.held.setdefault(op.name, None)
+            # The temporary queue dead-letters where the new one will.
+            self.broker.ensure_dead_queue(op.name, dead_queue(op.name))
+            try:
+                migrate(self.broker, moves)
+            except MigrationBlocked as exc:
+                if self.held.get(op.name) != str(exc):
+                    log.warning("%s", exc)
+                self.held[op.name] = str(exc)
+                return
+        if self.broker.ensure_operation(op.name, op.input):
+            self.held.pop(op.name, None)
+        else:  # declared otherwise since pending() looked: migrate on the next pass
+            self.held.setdefault(op.name, None)
 
     def _observe(self, operations: list[Operation]) -> dict[str, list[Subscriber]]:
         outputs = {op.output for op in operations}
