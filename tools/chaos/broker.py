@@ -9,7 +9,9 @@ run's prefix, which no other run or test can share.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import time
 from urllib.parse import quote, unquote, urlsplit
@@ -33,6 +35,8 @@ RABBITMQCTL_TIMEOUT = 180.0
 # broker) can miss an AMQP handshake for seconds; the harness tries again.
 CONNECT_ATTEMPTS = 4
 DELETE_TIMEOUT = 60.0
+# What RabbitMQ 3.10's file handle cache was seen to count per quorum queue.
+HANDLES_PER_QUORUM_QUEUE = 3
 
 
 class BrokerError(RuntimeError):
@@ -153,6 +157,30 @@ class Admin:
                                     headers={"X-Reason": "streamboss chaos run"})
         return response.status_code in (200, 204)
 
+    def file_handle_pressure(self) -> str | None:
+        """A warning when restarting the broker may stall it, or None.
+
+        RabbitMQ's file handle cache (limit: the broker's open-file limit less a
+        reserve) counts about three handles per quorum queue: 310 quorum queues used
+        936 of 927 on a broker limited to 1024 files, and from then on every new
+        connection and queue waited for a handle. A restart reopens every quorum
+        queue at once, so a broker near that line may not come back usable.
+        """
+        try:
+            nodes = self.http.get("/api/nodes", params={"columns": "fd_total"}).json()
+            queues = self.http.get(f"/api/queues/{quote(self.vhost, safe='')}",
+                                   params={"columns": "type"}, timeout=DELETE_TIMEOUT).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        limit = min((n.get("fd_total") or 0 for n in nodes), default=0)
+        quorum = sum(1 for q in queues if q.get("type") == "quorum")
+        if limit and quorum * HANDLES_PER_QUORUM_QUEUE >= 0.8 * limit:
+            return (f"the broker holds {quorum} quorum queues and may open only {limit} files: "
+                    "after the restart its file handle cache may run out and stall every "
+                    "client; raise its open-file limit (ulimit -n, LimitNOFILE) or delete "
+                    "unused queues first")
+        return None
+
     def names_with(self, kind: str, text: str) -> list[str]:
         """Queues or exchanges (``kind``) of the vhost whose name contains ``text``."""
         response = self.http.get(f"/api/{kind}/{quote(self.vhost, safe='')}",
@@ -185,15 +213,32 @@ class Admin:
         self.http.close()
 
 
+def _ctl(args: list[str], timeout: float) -> subprocess.CompletedProcess[str] | None:
+    """Run ``rabbitmqctl ARGS``; None if it did not finish within ``timeout``.
+
+    It runs in a session of its own and the whole session is killed on a timeout:
+    ``rabbitmqctl`` is a script that starts an Erlang VM through ``su``, and killing
+    the script alone would leave that VM behind.
+    """
+    process = subprocess.Popen(["rabbitmqctl", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return None
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def rabbitmqctl_problem() -> str | None:
     """Why the broker cannot be restarted from here, or None when it can."""
     if shutil.which("rabbitmqctl") is None:
         return ("rabbitmqctl not found: run the chaos run on the broker's machine, as a user "
                 "allowed to use rabbitmqctl, or pass --broker-restarts 0")
-    try:
-        result = subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True,
-                                text=True, timeout=60)
-    except subprocess.TimeoutExpired:
+    result = _ctl(["-q", "status"], 60)
+    if result is None:
         return "rabbitmqctl status did not answer within 60 s: is the broker healthy?"
     if result.returncode != 0:
         first = (result.stderr or result.stdout).strip().splitlines()[:1]
@@ -207,14 +252,12 @@ def rabbitmqctl(*args: str) -> None:
     """Run ``rabbitmqctl ARGS``.
 
     Raises:
-        BrokerError: it failed or hung; the message holds its first line of output.
+        BrokerError: it failed or hung; the message holds its last line of output.
     """
-    try:
-        result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True,
-                                timeout=RABBITMQCTL_TIMEOUT)
-    except subprocess.TimeoutExpired:
+    result = _ctl(list(args), RABBITMQCTL_TIMEOUT)
+    if result is None:
         raise BrokerError(f"rabbitmqctl {' '.join(args)} hung for "
-                          f"{RABBITMQCTL_TIMEOUT:.0f} s") from None
+                          f"{RABBITMQCTL_TIMEOUT:.0f} s")
     if result.returncode != 0:
         text = (result.stderr or result.stdout).strip().splitlines()
         raise BrokerError(f"rabbitmqctl {' '.join(args)} failed: "

@@ -139,7 +139,12 @@ def preflight(admin: Admin, url: str, broker_restarts: int) -> str | None:
         return ("RabbitMQ's management API does not answer on port 15672: enable it with "
                 "`rabbitmq-plugins enable rabbitmq_management`")
     if broker_restarts:
-        return rabbitmqctl_problem()
+        problem = rabbitmqctl_problem()
+        if problem is not None:
+            return problem
+        warning = admin.file_handle_pressure()
+        if warning is not None:
+            progress(f"warning: {warning}")
     return None
 
 
