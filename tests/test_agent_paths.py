@@ -10,6 +10,7 @@ the program ran, and that the other messages kept arriving.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import threading
@@ -293,6 +294,43 @@ def test_an_exception_inside_the_agent_is_dead_lettered_and_the_agent_lives(
     assert process.terminate() == 0
     assert broker.queue_depth(f"sb.op.{operation}") == 0
 
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "agent bug: in service mode ServiceRunner._spawn catches only OSError, so Popen's "
+    "ValueError escapes runner.start() inside the _on_ready callback; pika reports it as "
+    "'connection lost', the agent reconnects (runner.start() is not called again, no child "
+    "and no restart timer), logs 'reconnected' and then holds every delivery unacked for "
+    "ever: no output, no dead letter, no traceback, not even the 'consuming' line"))
+def test_a_service_child_that_cannot_start_does_not_hold_messages(
+        broker, streams, names, agent, tmp_path: Path) -> None:
+    source, sink = streams("in", "out")
+    operation = names("svcraises")
+    broker.declare_operation_queue(operation, source)
+    dead = broker.capture(dead_stream(operation))
+    ids = broker.publish(source, [b"innocent"])
+    process = agent(operation, source, sink, "--mode", "service", "--exec", "cat",
+                    "--max-attempts", "2", "--timeout", "1", "--definition",
+                    definition(tmp_path, env={"X": "a\u0000b"}, retry_delay=QUICK_RETRY),
+                    ready=False)
+    # Either answer will do: refuse the definition at start (exit 2, one line), or
+    # give up on the message by the unexpected-exception path.
+    letters: list[Message] = []
+
+    def settled() -> bool:
+        letters.extend(dead.collect_until_quiet(quiet=0.2, timeout=1))
+        return process.proc.poll() is not None or bool(letters)
+
+    with contextlib.suppress(AssertionError):
+        wait_until(settled, 15, "the agent to exit or dead-letter the message")
+    if process.proc.poll() is not None:
+        assert process.proc.returncode == 2
+        assert "env" in process.log().strip().splitlines()[-1]
+    else:
+        assert letters, "the message is neither answered nor dead-lettered: the agent holds it"
+        [letter] = letters
+        assert letter.parent == ids[0]
+        assert letter.header("sb-dead-path") == "unexpected exception"
 
 # -- outputs nobody receives -------------------------------------------------
 
