@@ -27,6 +27,7 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from streamboss.agent import retry
 from streamboss.agent.broker import explain_close
@@ -223,7 +224,9 @@ def _connection(url: str) -> Iterator[pika.BlockingConnection]:
     params.client_properties = {"connection_name": "streamboss-manager-dead-letters"}
     try:
         connection = pika.BlockingConnection(params)
-    except pika.exceptions.AMQPError as exc:
+    # A broker that accepts the socket but does not finish the handshake in time
+    # (stopping, starting, overloaded) fails with a connector error, not an AMQPError.
+    except (pika.exceptions.AMQPError, AMQPConnectorException) as exc:
         raise BrokerUnavailable(explain_close(exc, url, opening=True)) from None
     try:
         yield connection
