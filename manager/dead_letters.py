@@ -279,25 +279,22 @@ def _peek(channel: BlockingChannel, queue: str, limit: int
         yield properties, body
 
 
-def summary(url: str, operation: str) -> dict[str, Any]:
-    """``operation``'s dead letters in brief: how many, the oldest one's time, and
-    how many by path and by reason among the first SCAN_LIMIT (``scanned``)."""
+def _summarise(connection: pika.BlockingConnection, operation: str) -> dict[str, Any]:
     queue = dead_queue(operation)
     paths: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     oldest: str | None = None
     scanned = 0
-    with _connection(url) as connection:
-        count = _depth(connection, queue) or 0
-        if count:
-            with _peeking(connection) as channel:
-                for properties, _body in _peek(channel, queue, min(count, SCAN_LIMIT)):
-                    if scanned == 0:
-                        oldest = dead_at(properties)
-                    path, reason = classify(properties.headers or {})
-                    paths[path] += 1
-                    reasons[reason] += 1
-                    scanned += 1
+    count = _depth(connection, queue) or 0
+    if count:
+        with _peeking(connection) as channel:
+            for properties, _body in _peek(channel, queue, min(count, SCAN_LIMIT)):
+                if scanned == 0:
+                    oldest = dead_at(properties)
+                path, reason = classify(properties.headers or {})
+                paths[path] += 1
+                reasons[reason] += 1
+                scanned += 1
     return {
         "operation": operation,
         "queue": queue,
@@ -307,6 +304,14 @@ def summary(url: str, operation: str) -> dict[str, Any]:
         "paths": dict(paths.most_common()),
         "reasons": [{"reason": r, "count": n} for r, n in reasons.most_common(REASONS_SHOWN)],
     }
+
+
+def summaries(url: str, operations: list[str]) -> list[dict[str, Any]]:
+    """Each operation's dead letters in brief, on one connection: how many, the
+    oldest one's time, and how many by path and by reason among the first
+    SCAN_LIMIT (``scanned``)."""
+    with _connection(url) as connection:
+        return [_summarise(connection, operation) for operation in operations]
 
 
 def show(url: str, operation: str, count: int = SHOW_DEFAULT) -> dict[str, Any]:

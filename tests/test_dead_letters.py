@@ -151,7 +151,7 @@ def test_an_operation_without_dead_letters_has_none(manager: ManagerProcess,
 def test_no_dead_letter_queue_yet_means_no_dead_letters(broker_url: str, names) -> None:
     # The manager declares sb.dead.OP on its next pass; until then there is nothing to read.
     missing = names("undeclared")
-    assert dead_letters.summary(broker_url, missing)["count"] == 0
+    assert dead_letters.summaries(broker_url, [missing])[0]["count"] == 0
     assert dead_letters.show(broker_url, missing, 5)["messages"] == []
     assert dead_letters.requeue(broker_url, missing)["requeued"] == 0
     assert dead_letters.purge(broker_url, missing) == 0

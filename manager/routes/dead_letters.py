@@ -37,7 +37,7 @@ def router(manager: Manager) -> APIRouter:
         path and by reason among the first ``scanned``."""
         names = [known(operation)] if operation is not None else \
             [op.name for op in manager.store.operations()]
-        return [dead_letters.summary(manager.broker.url, name) for name in names]
+        return dead_letters.summaries(manager.broker.url, names)
 
     @routes.get("/{operation}")
     def show_dead_letters(operation: str, count: Annotated[int, Query(
