@@ -29,6 +29,9 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic
 
+from streamboss.agent.dedup import SeenIds
+from streamboss.agent.headers import message_id
+
 from .chain import Chain
 
 # Unacked deliveries the harness's consumer allows itself; also how far back it
@@ -43,33 +46,6 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def message_id(properties: pika.BasicProperties) -> str | None:
-    """``sb-id``, else the AMQP message-id: what ``consume --dedup`` keys on."""
-    value = _text((properties.headers or {}).get("sb-id"))
-    return value or properties.message_id
-
-
-class RecentIds:
-    """Drops a message whose id is among the last ``window`` ids kept, the rule of
-    ``streamboss consume --dedup N``. A message without an id is always kept."""
-
-    def __init__(self, window: int) -> None:
-        self.window = window
-        self._order: deque[str] = deque()
-        self._seen: set[str] = set()
-
-    def keep(self, ident: str | None) -> bool:
-        if ident is None:
-            return True
-        if ident in self._seen:
-            return False
-        self._order.append(ident)
-        self._seen.add(ident)
-        if len(self._order) > self.window:
-            self._seen.discard(self._order.popleft())
-        return True
 
 
 @dataclass
@@ -123,7 +99,8 @@ class Tally:
         self.lock = threading.Lock()
         self.counts = [0] * messages
         self.after_dedup = [0] * messages
-        self.dedup = RecentIds(dedup_window)
+        # The memory ``streamboss consume --dedup N`` keeps, applied to the same ids.
+        self.dedup = SeenIds(dedup_window)
         self.output = Flow()
         self.distinct = 0
         self.deliveries = 0
@@ -152,7 +129,7 @@ class Tally:
             if self.counts[seq] == 0:
                 self.distinct += 1
             self.counts[seq] += 1
-            if self.dedup.keep(message_id(properties)):
+            if self.dedup.first_time(message_id(properties)):
                 self.after_dedup[seq] += 1
 
     def on_dead(self, body: bytes, properties: pika.BasicProperties, exchange: str) -> None:
