@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import logging
 import threading
 import time
 from collections import deque
@@ -38,8 +37,6 @@ from .chain import Chain
 # looks when telling its own redeliveries from the chain's duplicates.
 PREFETCH = 500
 RECONNECT_PAUSE = 0.5
-
-log = logging.getLogger(__name__)
 
 
 def _text(value: Any) -> str | None:
