@@ -59,6 +59,7 @@ def test_nothing_is_lost_under_every_kind_of_fault(tmp_path: Path) -> None:
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
                             timeout=RUN_TIMEOUT)
     output = f"{result.stdout}\n{result.stderr[-3000:]}"
+    print(result.stdout)  # the run's report: `pytest -rP` shows it for a passing run
     assert figures.exists(), output
     summary = json.loads(figures.read_text())
 

@@ -279,7 +279,10 @@ class Run:
     def recoveries(self) -> tuple[list[tuple[float, int]], list[float | None]]:
         """Fill in each fault's recovery; the poison's kills and the recovery after each."""
         for fault in self.faults:
-            if fault.ok and fault.started is not None and fault.done is not None:
+            # The poison's harm comes when it runs, not when it is published: its
+            # recoveries are measured from each agent it killed, below.
+            if fault.kind != "poison" and fault.ok and fault.started is not None \
+                    and fault.done is not None:
                 after = self.ledger.first_after(fault.watch, fault.done)
                 fault.recovery = None if after is None else after - fault.started
         kills: list[tuple[float, int]] = []

@@ -117,7 +117,7 @@ def summarise(*, chain: Chain, settings: dict[str, Any], faults: list[Fault], ta
     recoveries += [(r, f"poison kill {i + 1}") for i, r in enumerate(poison_recoveries)
                    if r is not None]
     never_recovered = [f"{f.kind} {describe_target(chain, f)}".strip()
-                       for f in faults if f.ok and f.recovery is None]
+                       for f in faults if f.ok and f.recovery is None and f.kind != "poison"]
     never_recovered += [f"poison kill {i + 1}" for i, r in enumerate(poison_recoveries)
                         if r is None]
     slowest = max(recoveries, default=None)
@@ -202,7 +202,7 @@ def render(summary: dict[str, Any], work_dir: str) -> str:
     ]
     for fault in summary["faults"]:
         at = "   ----" if fault["at_s"] is None else f"{fault['at_s']:7.1f}"
-        recovery = ("" if not fault["ok"] else
+        recovery = ("" if not fault["ok"] or fault["kind"] == "poison" else
                     f"  -> flowing again after {_seconds(fault['recovery_s'])}")
         lines.append(f"  t+{at} s  {fault['kind']:7} {fault['detail']}{recovery}")
     poison = summary["poison"]
