@@ -35,7 +35,7 @@ def _safe(text: str, one_line: bool = True) -> str:
     return (_UNSAFE_LINE if one_line else _UNSAFE).sub(_escape, text)
 
 
-@click.group("dead")
+@click.group("dead", short_help="List, show, requeue or purge an operation's dead letters.")
 def dead() -> None:
     """Dead letters: messages an operation gave up on.
 
