@@ -34,10 +34,14 @@ from streamboss.agent.broker import explain_close
 from streamboss.agent.headers import (
     ATTEMPTS,
     BROKER_HEADERS,
+    CE_ID,
     DEAD_ATTEMPTS,
     DEAD_EXIT_CODE,
+    DEAD_OPERATION,
     DEAD_PATH,
     DEAD_REASON,
+    ID,
+    PARENT,
     PRODUCED_AT,
     RETRY_REASON,
     message_id,
@@ -201,11 +205,19 @@ def requeued_properties(properties: pika.BasicProperties) -> pika.BasicPropertie
     header and property stay, except two that would make the copy fail for a
     reason of its own: ``expiration`` (it would expire and die again) and
     ``user_id`` (the broker refuses one that is not the publishing user)."""
+    source = properties.headers or {}
     stripped = {ATTEMPTS, RETRY_REASON, *BROKER_HEADERS}
-    headers = {key: value for key, value in (properties.headers or {}).items()
+    headers = {key: value for key, value in source.items()
                if key not in stripped and not key.startswith(DEAD_PREFIX)}
     kept = {name: value for name, value in vars(properties).items()
             if name not in ("headers", "expiration", "user_id")}
+    if DEAD_OPERATION in source and source.get(PARENT):
+        # An agent's dead letter has an id of its own and the input's in sb-parent:
+        # the copy is the input again, so its outputs get the ids they would have had.
+        original = source[PARENT]
+        original = original.decode() if isinstance(original, bytes) else str(original)
+        headers[ID] = headers[CE_ID] = kept["message_id"] = original
+        del headers[PARENT]
     return pika.BasicProperties(headers=headers, **kept)
 
 

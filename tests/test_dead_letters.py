@@ -303,3 +303,24 @@ def test_the_api_serves_the_same_under_v1_dead(manager: ManagerProcess, broker: 
         assert response.status_code == 404, (method, response.text)
     assert manager.api("GET", "/v1/dead", params={"operation": missing}).status_code == 404
     assert "/v1/dead/{operation}/requeue" in manager.api("GET", "/openapi.json").json()["paths"]
+
+
+def test_a_requeued_agent_dead_letter_is_the_input_again(broker: Broker, broker_url: str,
+                                                         streams, names, agent) -> None:
+    """An agent's dead letter has an id of its own (the input's is in sb-parent); the
+    requeued copy takes the input's id back, so what it yields has the ids it would
+    have had the first time."""
+    source, sink = streams("in", "out")
+    name = names("again")
+    agent(name, source, sink, "--exec", "false", "--max-attempts", "1")
+    broker.capture(sink)
+    letters = broker.capture(f"{name}.dead")
+    [ident] = broker.publish(source, [b"doomed"])
+    [first] = letters.collect(1)
+    assert first.parent == ident and first.header("sb-id") != ident
+    # the letter the agent keeps in sb.dead.<op> goes back to the input queue ...
+    assert dead_letters.requeue(broker_url, name)["requeued"] == 1
+    # ... and fails again as the same input: same parent, same derived letter id
+    [second] = letters.collect(1)
+    assert second.parent == ident
+    assert second.header("sb-id") == first.header("sb-id")
