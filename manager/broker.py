@@ -4,12 +4,16 @@ Topology is declared over AMQP (the same names the agent uses). Demand needs
 to know which queues are bound to a stream, which AMQP cannot list: that comes
 from RabbitMQ's management HTTP API, and each queue's depth and consumer
 count from an AMQP passive declare (immediate, where the management API's
-statistics lag by seconds).
+statistics lag by seconds). Scaling needs more than a passive declare tells:
+the messages delivered to agents and not yet acknowledged, which only the
+management API counts; one listing of every queue per reconciler pass gives
+them (and the rates), a few seconds stale.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -52,6 +56,27 @@ class QueueState:
     # Another connection's exclusive queue: its depth is hidden from us, but it
     # lives exactly as long as the connection that consumes from it.
     locked: bool = False
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """One queue as the management API lists it: statistics a few seconds old.
+
+    ``ready`` and ``unacked`` are None when the broker has no statistics for the
+    queue yet (a queue declared since its last statistics round)."""
+
+    ready: int | None
+    unacked: int | None
+    consumers: int
+    rate_in: float
+    rate_out: float
+
+
+# What one listing asks for: without `columns` the management API sends every
+# field of every queue (backing-queue internals, garbage-collection figures),
+# which on a busy vhost is megabytes per reconciler pass.
+LISTING_COLUMNS = ("name,messages_ready,messages_unacknowledged,consumers,"
+                   "message_stats.publish_details.rate,message_stats.ack_details.rate")
 
 
 @dataclass(frozen=True)
@@ -185,13 +210,12 @@ class Broker:
 
         Returns:
             False when the retry queues could not be listed (the management API is
-            away): call again later; everything else is done.
+            away, which the reconciler reports): call again later; everything else
+            is done, and doing it again is harmless.
         """
         try:
             retries = self.retry_queues(name)
-        except BrokerUnavailable as exc:
-            log.warning("%s; the retry queues of deleted operation %s are deleted once it "
-                        "answers", exc, name)
+        except BrokerUnavailable:
             retries = None
         channel = self.channel()
         for queue in (*(retries or ()), operation_queue(name), solo_queue(name), *also):
@@ -328,24 +352,103 @@ class Broker:
             found[queue] = Subscriber(queue, state.consumers, state.locked)
         return list(found.values())
 
-    def queue_rates(self, queue: str) -> tuple[float, float] | None:
-        """Messages/s into and acked out of ``queue`` (management statistics, a few
-        seconds behind), or None when the management API cannot say."""
-        path = f"/api/queues/{quote(self.vhost, safe='')}/{quote(queue, safe='')}"
+    def queue_listing(self) -> dict[str, QueueCounts] | None:
+        """Every queue of the vhost by name, in one management API call: ready and
+        unacknowledged messages, consumers, and messages/s in and acked out.
+
+        One call per reconciler pass, whatever the number of operations; the
+        figures are the broker's statistics, a few seconds behind.
+
+        Returns:
+            None when the management API cannot say (away, refused, not JSON).
+        """
+        path = f"/api/queues/{quote(self.vhost, safe='')}"
         try:
-            response = self._http.get(path)
-        except httpx.HTTPError:
+            response = self._http.get(path, params={"columns": LISTING_COLUMNS})
+            body = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
             return None
-        if response.status_code != 200:
+        if not isinstance(body, list):
             return None
-        body = response.json()
-        stats = (body.get("message_stats") if isinstance(body, dict) else None) or {}
-        rate_in = (stats.get("publish_details") or {}).get("rate", 0.0)
-        rate_out = (stats.get("ack_details") or {}).get("rate", 0.0)
-        return float(rate_in), float(rate_out)
+        listing: dict[str, QueueCounts] = {}
+        for entry in body:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                continue
+            stats = entry.get("message_stats") or {}
+            listing[entry["name"]] = QueueCounts(
+                _count(entry.get("messages_ready")),
+                _count(entry.get("messages_unacknowledged")),
+                _count(entry.get("consumers")) or 0,
+                _rate(stats, "publish_details"), _rate(stats, "ack_details"))
+        return listing
+
+    def server_version(self) -> tuple[int, ...] | None:
+        """The broker's version from the AMQP handshake (``server_properties``), e.g.
+        (3, 10, 8); None when it does not say.
+
+        Raises:
+            BrokerUnavailable: the broker cannot be reached.
+        """
+        self.channel()
+        # pika keeps the handshake's properties on the connection it wraps.
+        impl = getattr(self._connection, "_impl", None)
+        properties = getattr(impl, "server_properties", None) or {}
+        return parse_version(properties.get("version"))
+
+    def put_policy(self, name: str, body: dict[str, Any]) -> None:
+        """Create or replace the vhost's policy ``name``.
+
+        Raises:
+            BrokerUnavailable: the management API cannot be reached or refuses it.
+        """
+        path = f"/api/policies/{quote(self.vhost, safe='')}/{quote(name, safe='')}"
+        try:
+            response = self._http.put(path, json=body)
+        except httpx.HTTPError as exc:
+            raise BrokerUnavailable(
+                f"cannot reach RabbitMQ's management API at {self.management_url} ({exc}) "
+                f"to set policy {name}") from None
+        if response.status_code not in (200, 201, 204):
+            raise BrokerUnavailable(f"management API refused policy {name} "
+                                    f"({response.status_code}: {response.text[:200]})")
+
+    def delete_policy(self, name: str) -> None:
+        """Delete the vhost's policy ``name`` if it exists (best effort: a policy left
+        behind matches only queues of a deleted operation)."""
+        path = f"/api/policies/{quote(self.vhost, safe='')}/{quote(name, safe='')}"
+        with contextlib.suppress(httpx.HTTPError):
+            self._http.delete(path)
 
     def management_available(self) -> bool:
         try:
             return self._http.get("/api/overview").status_code == 200
         except httpx.HTTPError:
             return False
+
+
+def _count(value: Any) -> int | None:
+    """A message count from the management API, or None when it has none yet."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _rate(stats: Any, key: str) -> float:
+    details = stats.get(key) if isinstance(stats, dict) else None
+    rate = details.get("rate") if isinstance(details, dict) else None
+    return float(rate) if isinstance(rate, int | float) else 0.0
+
+
+def parse_version(text: Any) -> tuple[int, ...] | None:
+    """``"3.12.4"`` -> (3, 12, 4); None for anything else."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    if not isinstance(text, str):
+        return None
+    parts: list[int] = []
+    for piece in text.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) < len(piece):  # "0-rc.1": the rest is a label
+            break
+    return tuple(parts) or None
