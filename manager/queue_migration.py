@@ -189,7 +189,7 @@ def refused(operation: str, step: str, exc: pika.exceptions.ChannelClosedByBroke
     if exc.reply_code == 403:
         fix = ("give the manager's broker user configure, write and read permissions on "
                "sb.* queues (`rabbitmqctl set_permissions`)")
-    elif "feature" in text or "quorum" in text:
+    elif "feature flag" in text:  # a broker upgraded from 3.7 has quorum queues off
         fix = "enable quorum queues on the broker: `rabbitmqctl enable_feature_flag all`"
     else:
         fix = "fix that; the manager tries again on its next pass"
