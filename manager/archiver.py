@@ -242,8 +242,15 @@ class Archiver(Reconnecting):
             info = writer.finish(self.config.store, self.config.stream, index.next_sequence,
                                  endpoint_url=self.config.endpoint_url)
             index.add(info)
-        except (ArchiveError, objects.ObjectStoreError, OSError, ValueError) as exc:
-            self._failed = str(exc)
+        except Exception as exc:
+            # Whatever went wrong, this segment is not stored: a failure the store
+            # reports (ArchiveError, ObjectStoreError, OSError) or one nobody
+            # foresaw (a bug, a library's own exception). Either way the loop must
+            # hear of it: an exception left in this thread's future would leave the
+            # segment's messages for the next segment's multiple-ack to ack.
+            known = isinstance(exc, ArchiveError | objects.ObjectStoreError | OSError)
+            self._failed = str(exc) if known else f"{type(exc).__name__}: {exc}"
+            writer.close()
             self.ioloop.add_callback_threadsafe(self._on_store_failed)
             return
         self.ioloop.add_callback_threadsafe(
