@@ -7,6 +7,7 @@ declaration fails with one line that names the field and the fix.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import tomllib
@@ -303,3 +304,91 @@ def build_config(
                                                     DEFAULT_MAX_MESSAGE_SIZE)),
             integer=True, minimum=1),
     )
+
+
+# -- the broker's consumer timeout ---------------------------------------------------
+# RabbitMQ closes the channel of a consumer that holds one delivery unacknowledged
+# longer than its consumer_timeout (30 minutes by default, also on Amazon MQ), and
+# every delivery on that channel goes back to the queue, each charged an attempt.
+# RabbitMQ 3.12+ can lift it per queue (policy key `consumer-timeout`); older
+# brokers cannot, so a definition that could hold a delivery longer is refused.
+CONSUMER_TIMEOUT_ENV = "STREAMBOSS_BROKER_CONSUMER_TIMEOUT"
+DEFAULT_CONSUMER_TIMEOUT = 1800.0
+
+
+def consumer_timeout_limit(value: str | None = None) -> float:
+    """The broker's consumer timeout in seconds: ``value``, else
+    ``STREAMBOSS_BROKER_CONSUMER_TIMEOUT``, else RabbitMQ's default (1800).
+
+    Raises:
+        ConfigError: not a positive number of seconds.
+    """
+    text = value if value is not None else os.environ.get(CONSUMER_TIMEOUT_ENV)
+    if text is None or not text.strip():
+        return DEFAULT_CONSUMER_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{CONSUMER_TIMEOUT_ENV} must be the broker's consumer timeout in "
+                          f"seconds (its consumer_timeout / 1000), got {text!r}")
+    return seconds
+
+
+def delivery_hold(definition: ProcessDefinition, window: int, concurrency: int,
+                  ) -> float | None:
+    """The longest an agent can hold one delivery unacknowledged, in seconds; None
+    when unbounded (no ``timeout``).
+
+    A failed attempt is republished (to a retry queue) and its delivery acked, so a
+    delivery is held for one run, plus the runs ahead of it in the agent's window:
+    per-message, ``concurrency`` children work through a window of ``window``
+    deliveries, so the last waits for ceil(window / concurrency) - 1 runs. Service
+    mode times each record out at the head of the line: one ``timeout``. (Records
+    queued behind a slow head wait too; the window of a service is sized for fast
+    records, and the check would otherwise refuse every default service.)
+    """
+    if definition.timeout is None:
+        return None
+    if definition.mode == "per-message":
+        runs = -(-max(1, window) // max(1, concurrency))
+        return runs * definition.timeout
+    return definition.timeout
+
+
+def check_consumer_timeout(definition: ProcessDefinition, limit: float,
+                           window: int | None = None, concurrency: int | None = None,
+                           ) -> None:
+    """Refuse a definition whose agents could hold one delivery longer than the
+    broker's consumer timeout ``limit`` (seconds).
+
+    ``window`` and ``concurrency`` are the agent's (prefetch and children); by
+    default those an agent on this machine would use.
+
+    Raises:
+        ConfigError: one line naming the field, the broker's limit and the fix.
+    """
+    if window is None or concurrency is None:
+        defaults = AgentConfig("x", "x", "x", definition)
+        window = defaults.window if window is None else window
+        concurrency = defaults.concurrency if concurrency is None else concurrency
+    hold = delivery_hold(definition, window, concurrency)
+    lift = f"or raise the broker's consumer_timeout and set {CONSUMER_TIMEOUT_ENV} to it"
+    if hold is None:
+        raise ConfigError(
+            f"process definition 'timeout' is unset (no limit), but the broker closes a "
+            f"consumer holding a message over {limit:g}s (its consumer timeout): set "
+            f"timeout to at most {limit:g} seconds, {lift}")
+    if hold <= limit:
+        return
+    runs = round(hold / definition.timeout) if definition.timeout else 1
+    if runs <= 1:
+        raise ConfigError(
+            f"process definition 'timeout' {definition.timeout:g}s is above the broker's "
+            f"consumer timeout of {limit:g}s: set timeout to at most {limit:g}, {lift}")
+    raise ConfigError(
+        f"process definition 'timeout' {definition.timeout:g}s can hold a message "
+        f"{hold:g}s ({runs} runs: a window of {window} messages for {concurrency} "
+        f"children), above the broker's consumer timeout of {limit:g}s: set timeout to "
+        f"at most {math.floor(limit / runs):g}, {lift}")

@@ -9,6 +9,7 @@ call returns (nothing published right after is lost).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import threading
 from collections.abc import Callable
@@ -21,7 +22,9 @@ from pydantic import BaseModel, Field
 
 from streamboss.agent import objects
 from streamboss.agent.archive import ArchiveError, ArchiveIndex
+from streamboss.agent.config import DEFAULT_CONSUMER_TIMEOUT, ConfigError, parse_definition
 
+from . import consumer_timeout
 from .broker import Broker, BrokerUnavailable
 from .graph import render_graph
 from .model import Archive
@@ -55,8 +58,12 @@ class Manager:
     def __init__(self, store: Store, broker: Broker, reconciler: Reconciler | None,
                  token: str | None, dispatcher_name: str = "local",
                  archive_store: str = "",
-                 dispatcher_view: Callable[[], dict[str, Any]] | None = None) -> None:
+                 dispatcher_view: Callable[[], dict[str, Any]] | None = None,
+                 consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT) -> None:
         self.archive_store = archive_store
+        # The broker's consumer_timeout in seconds (STREAMBOSS_BROKER_CONSUMER_TIMEOUT):
+        # what a definition's agents may hold one delivery for on brokers before 3.12.
+        self.consumer_timeout = consumer_timeout
         # The dispatcher's own state for /v1/status (aws: the stack update and the
         # CloudWatch side); None for the local dispatcher.
         self.dispatcher_view = dispatcher_view
@@ -74,6 +81,13 @@ class Manager:
                 try:
                     action(self.broker)
                     return
+                except pika.exceptions.ChannelClosedByBroker as exc:
+                    # The broker answered and refused (a queue declared with other
+                    # arguments, a stream deleted behind our back): the same again
+                    # would be refused again, and it is not the broker being away.
+                    self.broker.reset()
+                    raise StoreError(f"the broker refused the topology: {exc.reply_code} "
+                                     f"{exc.reply_text}", 409) from None
                 except pika.exceptions.AMQPError as exc:
                     # A connection the broker dropped since the last call: retry on a
                     # fresh one once before telling the caller.
@@ -83,9 +97,40 @@ class Manager:
                             f"broker error ({exc.__class__.__name__}): is RabbitMQ "
                             "running? try again") from None
 
-    def changed(self) -> None:
+    def changed(self, deleted_operations: list[str] | None = None) -> None:
         if self.reconciler is not None:
+            if deleted_operations:
+                self.reconciler.retire(deleted_operations)
             self.reconciler.wake()
+
+    def broker_version(self) -> tuple[int, ...] | None:
+        """The broker's version, or None when it cannot be reached or does not say."""
+        found: list[tuple[int, ...] | None] = []
+        try:
+            self.on_broker(lambda b: found.append(b.server_version()))
+        except BrokerUnavailable:
+            return None
+        return found[0] if found else None
+
+    def check_consumer_timeout(self, data: Any) -> None:
+        """Refuse a definition that could hold a delivery past the broker's consumer
+        timeout, unless the broker can lift it per queue (3.12+: the operation's
+        policy does, at create-operation). The broker is asked only when it matters.
+
+        Raises:
+            StoreError: (400) the one-line refusal.
+        """
+        try:
+            definition = parse_definition(data)
+        except ConfigError:
+            return  # malformed: the store refuses it with its own message
+        reason = consumer_timeout.refusal(definition, self.consumer_timeout)
+        if reason is None:
+            return
+        if consumer_timeout.per_queue_supported(self.broker_version()) and \
+                definition.timeout is not None:
+            return
+        raise StoreError(reason)
 
 
 def create_app(manager: Manager) -> FastAPI:
@@ -138,7 +183,11 @@ def create_app(manager: Manager) -> FastAPI:
         removed = manager.store.delete_stream(
             name, force=force, before_commit=lambda: manager.on_broker(
                 lambda b: b.delete_stream(name)))
-        manager.changed()
+        # Once more after the commit: a reconciler pass that read the stream before
+        # the commit may have declared it again in between (it checks after
+        # declaring, so one of the two deletes comes after its declare).
+        manager.on_broker(lambda b: b.delete_stream(name))
+        manager.changed(removed)
         return {"deleted": name, "operations_deleted": removed}
 
     # -- process definitions -----------------------------------------------------
@@ -150,6 +199,7 @@ def create_app(manager: Manager) -> FastAPI:
     @app.post("/v1/definitions", dependencies=v1, status_code=201)
     def define_process(body: Annotated[Any, Body()],
                        name: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+        manager.check_consumer_timeout(body)
         return manager.store.define_process(body, name=name).to_dict()
 
     @app.get("/v1/definitions/{ref}", dependencies=v1)
@@ -162,12 +212,13 @@ def create_app(manager: Manager) -> FastAPI:
     @app.delete("/v1/definitions/{ref}", dependencies=v1)
     def delete_process(ref: str, force: bool = False) -> dict[str, Any]:
         removed = manager.store.delete_process(ref, force=force)
-        manager.changed()
+        manager.changed(removed)
         return {"deleted": ref, "operations_deleted": removed}
 
     @app.post("/api/process_definition/", dependencies=v1, include_in_schema=False)
     def seed_define_process(body: Annotated[Any, Body()]) -> dict[str, Any]:
         # The seed's own registration call, answered the way its tools expect.
+        manager.check_consumer_timeout(body)
         definition = manager.store.define_process(body)
         return {"id": definition.id, "name": definition.name}
 
@@ -180,8 +231,25 @@ def create_app(manager: Manager) -> FastAPI:
     @app.post("/v1/operations", dependencies=v1, status_code=201)
     def create_operation(op: OperationIn) -> dict[str, Any]:
         def topology(b: Broker) -> None:
+            # Inside the store's transaction: the same definition the store resolved.
+            # A definition stored under a larger limit (or on a newer broker) is
+            # checked again against this broker before anything is declared.
+            found = manager.store.get_definition(op.definition)
+            definition = consumer_timeout.parsed(found.body) if found else None
+            reason = (consumer_timeout.refusal(definition, manager.consumer_timeout)
+                      if definition is not None else None)
+            lift = None
+            if definition is not None and reason is not None:
+                if not consumer_timeout.per_queue_supported(b.server_version()):
+                    raise StoreError(reason)
+                lift = consumer_timeout.policy(op.name, definition, manager.consumer_timeout)
+                if lift is None:  # no timeout at all: nothing finite to lift it to
+                    raise StoreError(reason)
             b.ensure_stream(op.output)
             b.ensure_operation(op.name, op.input)
+            if lift is not None:
+                # Before the commit, so no agent consumes before the policy is in place.
+                b.put_policy(consumer_timeout.policy_name(op.name), lift)
 
         created = manager.store.create_operation(
             op.name, op.definition, op.input, op.output, op.policy,
@@ -192,7 +260,13 @@ def create_app(manager: Manager) -> FastAPI:
     @app.delete("/v1/operations/{name}", dependencies=v1)
     def delete_operation(name: str) -> dict[str, Any]:
         manager.store.delete_operation(name)
-        manager.changed()
+        manager.changed([name])
+        if consumer_timeout.per_queue_supported(manager.broker_version()):
+            # Its consumer-timeout policy, if it had one; left behind it would match
+            # only the queues of an operation of the same name.
+            with contextlib.suppress(BrokerUnavailable, StoreError):
+                manager.on_broker(lambda b: b.delete_policy(
+                    consumer_timeout.policy_name(name)))
         return {"deleted": name}
 
     # -- archives ----------------------------------------------------------------

@@ -20,9 +20,10 @@ from streamboss.agent.naming import (
     archive_queue,
     dead_queue,
     operation_queue,
+    solo_queue,
 )
 
-from .broker import Broker, BrokerUnavailable, Subscriber
+from .broker import Broker, BrokerUnavailable, QueueCounts, Subscriber
 from .dispatch_local import archiver_pool
 from .model import Archive, Definition, Operation
 from .queue_migration import MigrationBlocked, migrate, migration_queues, pending
@@ -58,10 +59,16 @@ class OperationStatus:
     running: int
     draining: int
     restarts: int
+    # Messages the operation still has to finish: waiting (ready) plus delivered to
+    # its agents and not yet acknowledged, in sb.op.OP and sb.solo.OP. Scaling uses
+    # this, so agents holding work are not scaled away while they work.
     backlog: int
     dead_lettered: int
     rate_in: float | None
     rate_out: float | None
+    # The unacknowledged part of ``backlog``; None when the management API could
+    # not say (then ``backlog`` is the ready messages alone).
+    in_flight: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +116,24 @@ def wanted_operations(operations: list[Operation],
     return wanted
 
 
+def listed_backlog(operation: str, listing: dict[str, QueueCounts],
+                   ) -> tuple[int, int] | None:
+    """(backlog, in flight) of ``operation`` from one queue listing, or None when the
+    listing has no figures for its input queue yet.
+
+    The backlog is ready plus unacknowledged messages of ``sb.op.OP`` and of
+    ``sb.solo.OP`` (which may not exist yet: 0): a message an agent holds is work
+    not done, and counting only the ready ones would scale in the agents holding
+    it while they work on it.
+    """
+    main = listing.get(operation_queue(operation))
+    if main is None or main.ready is None or main.unacked is None:
+        return None
+    known = [c for c in (main, listing.get(solo_queue(operation))) if c is not None]
+    in_flight = sum(c.unacked or 0 for c in known)
+    return sum(c.ready or 0 for c in known) + in_flight, in_flight
+
+
 class Reconciler:
     """Runs passes on a thread until stopped; :meth:`wake` runs one now."""
 
@@ -129,6 +154,11 @@ class Reconciler:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._retiring: set[str] = set()
+        # Operations deleted through the API, handed over by its threads: one created
+        # and deleted between two passes was never seen by a pass, yet its queues
+        # were declared (by the API) and must go.
+        self._deleted: set[str] = set()
+        self._deleted_lock = threading.Lock()
         # Operations whose queues are of another kind (the previous release's) and not
         # migrated yet: held at zero agents. The value is the one line that says why it
         # cannot go on, or None while it can.
@@ -143,6 +173,12 @@ class Reconciler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+    def retire(self, operations: list[str]) -> None:
+        """Delete the queues of these deleted operations once their agents are gone
+        (on the next passes; harmless for one declared again meanwhile)."""
+        with self._deleted_lock:
+            self._deleted.update(operations)
 
     def wake(self, topology_changed: bool = True) -> None:
         if topology_changed:
@@ -183,13 +219,14 @@ class Reconciler:
             wanted = (wanted_operations(operations, subscribers) if self.management
                       else {op.name for op in operations})
             self.dispatcher.reap()
+            # One management call for every queue's figures, not one per operation.
+            listing = self.broker.queue_listing() if self.management else None
             status: dict[str, OperationStatus] = {}
             for op in operations:
                 definition = self.store.get_definition(str(op.definition_id))
                 if definition is None:
                     continue
-                queue = self.broker.queue_state(operation_queue(op.name))
-                backlog = queue.messages if queue else 0
+                backlog, in_flight = self._backlog(op.name, listing)
                 state = self.states.setdefault(op.name, ScaleState())
                 count = decide(op.policy, state, op.name in wanted, backlog, now)
                 if op.name in self.held:
@@ -197,23 +234,44 @@ class Reconciler:
                 self.dispatcher.scale(op, definition, count)
                 dead = self.broker.queue_state(dead_queue(op.name))
                 agents = self.dispatcher.status(op.name)
-                rates = (self.broker.queue_rates(operation_queue(op.name))
-                         if self.management else None)
+                counts = listing.get(operation_queue(op.name)) if listing else None
                 status[op.name] = OperationStatus(
                     op.name, op.input, op.output, op.name in wanted, count,
                     agents["running"], agents["draining"], agents["restarts"], backlog,
                     dead.messages if dead else 0,
-                    rates[0] if rates else None, rates[1] if rates else None)
+                    counts.rate_in if counts else None, counts.rate_out if counts else None,
+                    in_flight)
             names = {op.name for op in operations}
             for gone in set(self.states) - names:
                 del self.states[gone]
                 self.dispatcher.forget(gone)
                 self._retiring.add(gone)
+            with self._deleted_lock:
+                self._retiring |= self._deleted
+                self._deleted.clear()
             self._retire(names)
             self.status = status
             self.dispatcher.report(status)
             self.archive_status = {a.stream: self._run_archive(a)
                                    for a in self.store.archives()}
+
+    def _backlog(self, operation: str, listing: dict[str, QueueCounts] | None,
+                 ) -> tuple[int, int | None]:
+        """What ``operation`` still has to finish, and the unacknowledged part of it.
+
+        From the management API's listing (see :func:`listed_backlog`); without
+        it, or before it has figures for a queue just declared, the ready messages
+        from a passive declare stand in, and the unacknowledged part is None:
+        unknown, not zero.
+        """
+        listed = listed_backlog(operation, listing) if listing is not None else None
+        if listed is not None:
+            return listed
+        ready = 0
+        for queue in (operation_queue(operation), solo_queue(operation)):
+            state = self.broker.queue_state(queue)
+            ready += state.messages if state else 0
+        return ready, None
 
     def _run_archive(self, archive: Archive) -> ArchiveStatus:
         """An active archive has one archiver. A stopped one is unbound, drained of
@@ -254,8 +312,7 @@ class Reconciler:
                 self._retiring.discard(name)
 
     def _apply_topology(self, operations: list[Operation]) -> None:
-        for stream in self.store.streams():
-            self.broker.ensure_stream(stream.name)
+        self._ensure_streams()
         for op in operations:
             self._ensure_operation(op)
         for archive in self.store.archives():
@@ -283,6 +340,20 @@ class Reconciler:
             self.held.pop(op.name, None)
         else:  # declared otherwise since pending() looked: migrate on the next pass
             self.held.setdefault(op.name, None)
+
+    def _ensure_streams(self) -> None:
+        """Declare every stream's exchange, from a list that may go stale meanwhile: a
+        stream deleted after it was read would be declared again here, behind its
+        deletion. Read again after declaring, and delete those gone since (the API
+        deletes the exchange again after its commit, so one of the two always comes
+        after the other's declare)."""
+        listed = [stream.name for stream in self.store.streams()]
+        for name in listed:
+            self.broker.ensure_stream(name)
+        declared = {stream.name for stream in self.store.streams()}
+        for name in listed:
+            if name not in declared:
+                self.broker.delete_stream(name)
 
     def _observe(self, operations: list[Operation]) -> dict[str, list[Subscriber]]:
         outputs = {op.output for op in operations}

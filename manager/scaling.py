@@ -31,7 +31,9 @@ def decide(policy: ScalingPolicy, state: ScaleState, wanted: bool, backlog: int,
         policy: the operation's scaling policy.
         state: the operation's memory; ``desired`` is the current target.
         wanted: whether the operation's output has a subscriber now.
-        backlog: messages waiting in the operation's queue.
+        backlog: messages the operation has still to finish: waiting plus delivered
+            to its agents and not yet acknowledged, so agents busy with
+            messages are not scaled in from under them.
         now: a monotonic clock reading.
     """
     current = state.desired

@@ -15,7 +15,7 @@ from typing import TextIO
 
 import uvicorn
 
-from streamboss.agent.config import redact
+from streamboss.agent.config import ConfigError, consumer_timeout_limit, redact
 
 from .api import Manager, create_app
 from .broker import Broker
@@ -140,6 +140,10 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
     if config.dispatcher not in ("local", "aws"):
         raise ServerError(f"unknown dispatcher {config.dispatcher!r}: use local or aws")
     token = token_for(config.host)
+    try:
+        consumer_timeout = consumer_timeout_limit()
+    except ConfigError as exc:
+        raise ServerError(str(exc)) from None
     check_port_free(config.host, config.port)
     lock = lock_state_dir(config.state_dir)
     store = Store(config.state_dir)
@@ -154,7 +158,8 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
     archive_store = os.environ.get(ARCHIVE_STORE_ENV) or f"file://{archives_dir(config.state_dir)}"
     manager = Manager(store, Broker(config.broker_url), reconciler, token, config.dispatcher,
                       archive_store,
-                      dispatcher.describe if isinstance(dispatcher, AwsDispatcher) else None)
+                      dispatcher.describe if isinstance(dispatcher, AwsDispatcher) else None,
+                      consumer_timeout)
     app = create_app(manager)
     url = f"http://{config.host}:{config.port}"
     if banner:

@@ -2,12 +2,17 @@
 
 Every declaration is validated before anything is written, and each change is
 one transaction, so a refused declaration leaves nothing half written.
+
+Many threads use one store: the API's handlers (a thread pool), the
+reconciler and the AWS dispatcher's threads. Each thread gets a connection of
+its own, and writes take one lock; see :class:`Store`.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
@@ -32,6 +37,11 @@ from .model import (
 MIN_SEGMENT_BYTES = 4096
 
 DB_NAME = "streamboss.db"
+# How long a write waits for the writes before it. Writes are short, but some
+# hold the transaction open across a broker round trip (topology before commit),
+# and a broker that is slow to answer must not turn a queue of writers into
+# errors: longer than the broker client's own connect and socket timeouts.
+WRITE_WAIT = 30.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -121,29 +131,89 @@ def parse_policy(values: dict[str, Any] | None) -> ScalingPolicy:
 class Store:
     """Streams, process definitions and operations, validated and persisted."""
 
+    # One connection per thread, and one lock for writes, because:
+    # - a connection shares its open transaction with every thread that uses it:
+    #   with one shared connection, the reconciler would read an operation that
+    #   an API call has inserted but not yet committed (its topology is applied
+    #   before the commit, and may still be refused), and two API calls would
+    #   each BEGIN on the same connection ("cannot start a transaction within a
+    #   transaction", a 500). A connection of its own gives each thread, under
+    #   WAL, only committed rows, and readers never wait for a writer, not even
+    #   one holding its transaction across a broker round trip.
+    # - the lock queues this process's writers in order instead of leaving them
+    #   to SQLite's busy handler, which polls and gives up with "database is
+    #   locked"; the busy timeout still covers another process on the file.
     def __init__(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / DB_NAME
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=10)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        # Every connection opened, by thread, so close() can close them all and a
+        # thread that has ended does not keep its connection open.
+        self._connections: dict[int, tuple[threading.Thread, sqlite3.Connection]] = {}
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = self._open()
+            self._local.db = db
+        return db
+
+    def _open(self) -> sqlite3.Connection:
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        # check_same_thread=False only so that close() (on another thread) may close
+        # it; each connection is used by the thread that opened it.
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             timeout=WRITE_WAIT)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA foreign_keys=ON")
+        with self._connections_lock:
+            for ident, (thread, old) in list(self._connections.items()):
+                if not thread.is_alive():
+                    old.close()
+                    del self._connections[ident]
+            self._connections[threading.get_ident()] = (threading.current_thread(), db)
+        return db
 
     def close(self) -> None:
-        self._db.close()
+        with self._connections_lock:
+            self._closed = True
+            for _thread, db in self._connections.values():
+                db.close()
+            self._connections.clear()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        """One write transaction; other threads see none of it until it commits.
+
+        Raises:
+            StoreError: (503) the writes before this one took longer than WRITE_WAIT.
+        """
+        if not self._write_lock.acquire(timeout=WRITE_WAIT):
+            raise StoreError(f"the declaration store is busy (a change has waited over "
+                             f"{WRITE_WAIT:g}s for the ones before it): try again", 503)
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT may leave the transaction open: never leave this
+                # thread's connection inside one.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            self._write_lock.release()
 
     # -- streams ---------------------------------------------------------------
 
