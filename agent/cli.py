@@ -18,6 +18,8 @@ from .config import (
     MODES,
     ConfigError,
     build_config,
+    check_consumer_timeout,
+    consumer_timeout_limit,
     read_file,
 )
 from .framing import FRAMINGS
@@ -102,8 +104,16 @@ def agent_command(config_file: Path | None, operation: str | None, input_stream:
             max_message_size=max_message_size,
         )
         check_program(config.definition)
+        limit = consumer_timeout_limit()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    try:
+        check_consumer_timeout(config.definition, limit, config.window, config.concurrency)
+    except ConfigError as exc:
+        # A warning, not a refusal: the broker may lift its consumer timeout for this
+        # queue (RabbitMQ 3.12+, a policy the manager sets) or be configured above it.
+        click.echo(f"stream-agent: warning: {exc} (unless the broker's consumer timeout "
+                   "for this queue is longer)", err=True)
 
     from .worker import Agent
 
