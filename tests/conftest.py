@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import pika
@@ -255,6 +256,52 @@ class Broker:
                 channel.exchange_delete(exchange)
         with contextlib.suppress(Exception):
             self.connection.close()
+
+
+# -- the session needs the broker ----------------------------------------------------
+
+MANAGEMENT_PORT = 15672
+# A broker that is restarting answers within seconds; one that is absent never does.
+BROKER_CHECK_SECONDS = 5.0
+
+
+def broker_problem(url: str) -> str | None:
+    """Why the tests cannot use the broker at ``url`` and its management API, in one
+    line with the fix; None when both answer."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or BROKER_PORT
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError as exc:
+        return (f"RabbitMQ is not listening on {host}:{port} ({exc.strerror or exc}): start "
+                "it with `rabbitmq-server -detached`")
+    user = unquote(parts.username or "guest")
+    overview = f"http://{host}:{MANAGEMENT_PORT}/api/overview"
+    try:
+        code = httpx.get(overview, auth=(user, unquote(parts.password or "guest")),
+                         timeout=5).status_code
+    except httpx.HTTPError as exc:
+        return (f"RabbitMQ's management API does not answer at {overview} "
+                f"({type(exc).__name__}): enable it with "
+                "`rabbitmq-plugins enable rabbitmq_management`")
+    if code != 200:
+        return (f"RabbitMQ's management API answered {code} to {user} at {overview}: give "
+                f"the user the management tag (`rabbitmqctl set_user_tags {user} "
+                "administrator`)")
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop at once, in one line, when the broker or its management API is missing:
+    without them most tests would each wait out their own timeout instead. (Here
+    rather than at session start, where pytest would print the line twice.)"""
+    if config.option.collectonly or config.option.help or config.option.version:
+        return
+    deadline = time.monotonic() + BROKER_CHECK_SECONDS
+    while (problem := broker_problem(BROKER_URL)) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if problem is not None:
+        pytest.exit(f"cannot run the tests: {problem}", returncode=pytest.ExitCode.INTERRUPTED)
 
 
 def _broker_up() -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import PYTHON
+from .requirements import require
 
 ALL_BYTES = bytes(range(256))
 
@@ -347,8 +348,9 @@ def real_imagemagick() -> bool:
 
 
 @pytest.mark.imagemagick
-@pytest.mark.skipif(not real_imagemagick(), reason="needs ImageMagick at /usr/bin/convert")
 def test_seed_convert_resizes_png_by_half(broker, streams, names, agent) -> None:
+    require(real_imagemagick(),
+            "needs ImageMagick at /usr/bin/convert (apt-get install imagemagick)")
     source, sink = streams("images", "thumbs")
     agent(names("resize"), source, sink, "--exec", '/usr/bin/convert - -resize "50%" -')
     out = broker.capture(sink)

@@ -57,6 +57,10 @@ from streamboss.manager.stack_config import CONFIG_KEY, operations_config, rende
 from streamboss.manager.store import Store
 
 from .conftest import MANAGER, MOTO_ENV, ROOT, free_port, op_queue, stream_exchange
+from .requirements import require
+
+# These tests are about a machine without the Pulumi CLI (CI's, as set up by .ci/run).
+NO_PULUMI_CLI = "a Pulumi CLI is installed here: these tests need a machine without one"
 
 REGION = "us-east-1"
 
@@ -208,8 +212,8 @@ def test_a_missing_stack_names_pulumi_stack_init(project: Path):
         PulumiStack("o/p/s", project, auto).apply(CONFIG_TEXT)
 
 
-@pytest.mark.skipif(shutil.which("pulumi") is not None, reason="a Pulumi CLI is installed here")
 def test_the_real_automation_api_without_the_cli_is_the_one_line_cli_error(project: Path):
+    require(shutil.which("pulumi") is None, NO_PULUMI_CLI)
     # pulumi.automation raises FileNotFoundError: 'pulumi' when it shells out.
     with pytest.raises(PulumiUnavailable) as caught:
         PulumiStack("o/p/s", project).apply(CONFIG_TEXT)
@@ -742,8 +746,8 @@ def test_the_local_dispatchers_status_has_no_stack(tmp_path: Path):
 # -- the real command on this machine, where no Pulumi CLI is installed ---------------------------
 
 
-@pytest.mark.skipif(shutil.which("pulumi") is not None, reason="a Pulumi CLI is installed here")
 def test_manager_aws_without_the_pulumi_cli_is_one_line_and_starts_nothing(tmp_path: Path):
+    require(shutil.which("pulumi") is None, NO_PULUMI_CLI)
     port = free_port()
     state = tmp_path / "state"
     empty_bin = tmp_path / "bin"

@@ -37,6 +37,7 @@ import pika
 import pytest
 
 from tests.conftest import BROKER_URL, free_port, wait_until
+from tests.requirements import require
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
@@ -58,7 +59,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "appliance: Ansible roles and Packer templates run against a local test host "
-        "(needs sshd, packer, root and network namespaces; skipped with a reason without them)",
+        "(needs sshd, packer, root and network namespaces; without them skipped with a "
+        "reason, or failed in CI)",
     )
 
 
@@ -66,33 +68,32 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def need_sshd() -> None:
-    if not Path(SSHD).exists() or shutil.which("ssh-keygen") is None:
-        pytest.skip("needs OpenSSH's sshd and ssh-keygen (apt-get install openssh-server)")
-    if os.geteuid() != 0:
-        pytest.skip("the local test host is logged into as root: run as root")
+    require(Path(SSHD).exists() and shutil.which("ssh-keygen") is not None,
+            "needs OpenSSH's sshd and ssh-keygen (apt-get install openssh-server)")
+    require(os.geteuid() == 0, "the local test host is logged into as root: run as root")
 
 
 def need_packer() -> str:
     packer = shutil.which("packer")
-    if packer is None:
-        pytest.skip("needs packer on PATH (apt-get install packer)")
+    require(packer is not None, "needs packer on PATH (apt-get install packer)")
+    assert packer is not None
     return packer
 
 
 def need_netns() -> None:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 for a network namespace")
+    require(os.geteuid() == 0 and shutil.which("ip") is not None,
+            "needs root and iproute2 for a network namespace")
     name = f"sb-probe-{os.getpid()}"
     probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot create a network namespace here: {probe.stderr.strip()}")
+    require(probe.returncode == 0,
+            f"cannot create a network namespace here: {probe.stderr.strip()}")
     subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def need_ansible() -> None:
     for tool in ("ansible-playbook", "ansible-lint"):
-        if not (VENV_BIN / tool).exists():
-            pytest.skip(f"needs {tool} in {VENV_BIN} (pip install -e '.[test]')")
+        require((VENV_BIN / tool).exists(),
+                f"needs {tool} in {VENV_BIN} (pip install -e '.[test]')")
 
 
 # -- the session's work directory --------------------------------------------------

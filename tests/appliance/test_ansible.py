@@ -21,6 +21,7 @@ import pytest
 
 from infra.user_data import AGENT_SERVICE, agent_user_data
 from tests.conftest import wait_until
+from tests.requirements import require
 
 from .conftest import (
     BROKER_URL,
@@ -100,8 +101,8 @@ def test_the_node_has_what_the_roles_promise(converged: Node, tmp_path):
 
 
 def test_the_broker_has_the_users_the_rabbitmq_role_declares(converged: Node):
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("needs rabbitmqctl (the local RabbitMQ's CLI)")
+    require(shutil.which("rabbitmqctl") is not None,
+            "needs rabbitmqctl (the local RabbitMQ's CLI)")
     users = json.loads(_rabbitmqctl("list_users", "--formatter", "json").stdout)
     assert {"user": converged.broker_user, "tags": ["monitoring"]} in users
     assert "guest" in {u["user"] for u in users}, "rabbitmq_remove_guest: false keeps guest"
@@ -117,8 +118,8 @@ def test_the_broker_has_the_users_the_rabbitmq_role_declares(converged: Node):
 
 
 def test_the_units_pass_systemd_analyze_verify_and_are_sandboxed(converged: Node):
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("needs systemd-analyze (Debian's systemd package)")
+    require(shutil.which("systemd-analyze") is not None,
+            "needs systemd-analyze (Debian's systemd package)")
     units = [converged.unit, converged.manager_unit, converged.state_unit]
     verify = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
                             capture_output=True, text=True)
@@ -411,8 +412,8 @@ def test_rotate_broker_credentials_changes_the_password_and_the_agents_use_the_n
     """Against the machine's own RabbitMQ, with a user of this test only (guest is never
     touched): the broker play finds the old password stale and sets the new one (on
     stdin), and the agent node gets the new URL and reaches its queue with it."""
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("needs rabbitmqctl (the local RabbitMQ's CLI)")
+    require(shutil.which("rabbitmqctl") is not None,
+            "needs rabbitmqctl (the local RabbitMQ's CLI)")
     user = f"t-rotate-{converged.operation.rsplit('-', 1)[-1]}"
     old, new = "OldPassword0rotate", "NewPassword1rotate"
     assert _rabbitmqctl("add_user", user, stdin=old).returncode == 0
