@@ -23,7 +23,7 @@ from streamboss.agent.naming import (
     solo_queue,
 )
 
-from .broker import Broker, BrokerUnavailable, QueueCounts, Subscriber
+from .broker import Broker, BrokerUnavailable, QueueCounts, QueueState, Subscriber
 from .dispatch_local import archiver_pool
 from .model import Archive, Definition, Operation
 from .queue_migration import MigrationBlocked, migrate, migration_queues, pending
@@ -33,6 +33,12 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 INTERVAL = 1.0
+# The management API answers with figures a few seconds old, has none for a queue's
+# first ten seconds or so, and on a loaded broker now and then none at all (a
+# timeout, a queue's figures missing from one answer). A queue's last figures stand
+# in for this long: the passive declare's consumer count still bounds them. So
+# does an operation's last backlog while its unacknowledged part is unknown.
+LISTING_MEMORY = 30.0
 # Declares are idempotent but cost round trips; re-assert them this often, and
 # at once after any declaration changes or the broker comes back.
 TOPOLOGY_REFRESH = 10.0
@@ -116,22 +122,42 @@ def wanted_operations(operations: list[Operation],
     return wanted
 
 
-def listed_backlog(operation: str, listing: dict[str, QueueCounts],
-                   ) -> tuple[int, int] | None:
-    """(backlog, in flight) of ``operation`` from one queue listing, or None when the
-    listing has no figures for its input queue yet.
+def operation_backlog(operation: str, now: dict[str, QueueState | None],
+                      listing: dict[str, QueueCounts] | None) -> tuple[int, int | None]:
+    """(backlog, in flight) of ``operation``: what it still has to finish, and the
+    part of it delivered to agents and not yet acknowledged (None: unknown).
 
     The backlog is ready plus unacknowledged messages of ``sb.op.OP`` and of
-    ``sb.solo.OP`` (which may not exist yet: 0): a message an agent holds is work
-    not done, and counting only the ready ones would scale in the agents holding
-    it while they work on it.
+    ``sb.solo.OP`` (absent until an agent first needs it: 0). A message an agent
+    holds is work not done: counting only the ready ones would scale in the
+    agents holding it while they work on it.
+
+    ``now`` is each queue's passive declare (exact, this instant: ready messages
+    and consumers; None when the queue does not exist); ``listing`` the management
+    API's figures, the only source of unacknowledged counts, a few seconds old and
+    on a loaded broker sometimes much older. The fresh figures bound the stale
+    ones: a queue without consumers holds nothing unacknowledged (a consumer's
+    unacked messages go back to ready when it leaves), so only its ready count
+    counts; with consumers, the unacknowledged figure is added to the larger of
+    the two ready counts, so messages the agents took since the listing's figures
+    (gone from ready, not yet counted as unacknowledged) still count.
     """
-    main = listing.get(operation_queue(operation))
-    if main is None or main.ready is None or main.unacked is None:
-        return None
-    known = [c for c in (main, listing.get(solo_queue(operation))) if c is not None]
-    in_flight = sum(c.unacked or 0 for c in known)
-    return sum(c.ready or 0 for c in known) + in_flight, in_flight
+    backlog, in_flight, known = 0, 0, True
+    for queue in (operation_queue(operation), solo_queue(operation)):
+        fresh = now.get(queue)
+        if fresh is None:
+            continue
+        if fresh.consumers == 0:
+            backlog += fresh.messages
+            continue
+        listed = listing.get(queue) if listing is not None else None
+        if listed is None or listed.ready is None or listed.unacked is None:
+            backlog += fresh.messages
+            known = False
+            continue
+        backlog += max(fresh.messages, listed.ready) + listed.unacked
+        in_flight += listed.unacked
+    return backlog, in_flight if known else None
 
 
 class Reconciler:
@@ -159,6 +185,10 @@ class Reconciler:
         # were declared (by the API) and must go.
         self._deleted: set[str] = set()
         self._deleted_lock = threading.Lock()
+        # Each queue's last figures from the management API and when they came, and
+        # each operation's last backlog whose unacknowledged part was known.
+        self._listed: dict[str, tuple[float, QueueCounts]] = {}
+        self._known_backlog: dict[str, tuple[float, int]] = {}
         # Operations whose queues are of another kind (the previous release's) and not
         # migrated yet: held at zero agents. The value is the one line that says why it
         # cannot go on, or None while it can.
@@ -220,13 +250,14 @@ class Reconciler:
                       else {op.name for op in operations})
             self.dispatcher.reap()
             # One management call for every queue's figures, not one per operation.
-            listing = self.broker.queue_listing() if self.management else None
+            listing = self._remembered(
+                self.broker.queue_listing() if self.management else None, now)
             status: dict[str, OperationStatus] = {}
             for op in operations:
                 definition = self.store.get_definition(str(op.definition_id))
                 if definition is None:
                     continue
-                backlog, in_flight = self._backlog(op.name, listing)
+                backlog, in_flight = self._backlog(op.name, listing, now)
                 state = self.states.setdefault(op.name, ScaleState())
                 count = decide(op.policy, state, op.name in wanted, backlog, now)
                 if op.name in self.held:
@@ -244,6 +275,7 @@ class Reconciler:
             names = {op.name for op in operations}
             for gone in set(self.states) - names:
                 del self.states[gone]
+                self._known_backlog.pop(gone, None)
                 self.dispatcher.forget(gone)
                 self._retiring.add(gone)
             with self._deleted_lock:
@@ -255,23 +287,39 @@ class Reconciler:
             self.archive_status = {a.stream: self._run_archive(a)
                                    for a in self.store.archives()}
 
-    def _backlog(self, operation: str, listing: dict[str, QueueCounts] | None,
-                 ) -> tuple[int, int | None]:
-        """What ``operation`` still has to finish, and the unacknowledged part of it.
+    def _remembered(self, listing: dict[str, QueueCounts] | None, now: float,
+                    ) -> dict[str, QueueCounts] | None:
+        """``listing`` with each queue it has no figures for given its last ones, if
+        they are at most LISTING_MEMORY seconds old; None when nothing is known."""
+        for name, counts in (listing or {}).items():
+            if counts.ready is not None and counts.unacked is not None:
+                self._listed[name] = (now, counts)
+        for name in [n for n, (at, _) in self._listed.items() if now - at > LISTING_MEMORY]:
+            del self._listed[name]
+        merged = dict(listing or {})
+        for name, (_at, counts) in self._listed.items():
+            current = merged.get(name)
+            if current is None or current.ready is None or current.unacked is None:
+                merged[name] = counts
+        return merged if merged or listing is not None else None
 
-        From the management API's listing (see :func:`listed_backlog`); without
-        it, or before it has figures for a queue just declared, the ready messages
-        from a passive declare stand in, and the unacknowledged part is None:
-        unknown, not zero.
-        """
-        listed = listed_backlog(operation, listing) if listing is not None else None
-        if listed is not None:
-            return listed
-        ready = 0
-        for queue in (operation_queue(operation), solo_queue(operation)):
-            state = self.broker.queue_state(queue)
-            ready += state.messages if state else 0
-        return ready, None
+    def _backlog(self, operation: str, listing: dict[str, QueueCounts] | None, now: float,
+                 ) -> tuple[int, int | None]:
+        """See :func:`operation_backlog`; this adds the passive declares, and while
+        the unacknowledged part is unknown (a queue's first seconds, before the
+        management API has figures for it; the API away) keeps the backlog at
+        least at its last known value for LISTING_MEMORY seconds: the messages
+        agents took meanwhile are no longer ready but still being worked on."""
+        fresh = {queue: self.broker.queue_state(queue)
+                 for queue in (operation_queue(operation), solo_queue(operation))}
+        backlog, in_flight = operation_backlog(operation, fresh, listing)
+        if in_flight is not None:
+            self._known_backlog[operation] = (now, backlog)
+            return backlog, in_flight
+        last = self._known_backlog.get(operation)
+        if last is not None and now - last[0] <= LISTING_MEMORY:
+            backlog = max(backlog, last[1])
+        return backlog, None
 
     def _run_archive(self, archive: Archive) -> ArchiveStatus:
         """An active archive has one archiver. A stopped one is unbound, drained of
