@@ -136,11 +136,13 @@ def operation_backlog(operation: str, now: dict[str, QueueState | None],
     and consumers; None when the queue does not exist); ``listing`` the management
     API's figures, the only source of unacknowledged counts, a few seconds old and
     on a loaded broker sometimes much older. The fresh figures bound the stale
-    ones: a queue without consumers holds nothing unacknowledged (a consumer's
-    unacked messages go back to ready when it leaves), so only its ready count
-    counts; with consumers, the unacknowledged figure is added to the larger of
-    the two ready counts, so messages the agents took since the listing's figures
-    (gone from ready, not yet counted as unacknowledged) still count.
+    ones: a queue without consumers holds nothing unacknowledged (a closed
+    channel's unacked messages go back to ready; an agent cancels its consumers
+    only to drain on SIGTERM, and finishes what it holds whatever is counted), so
+    only its ready count counts; with consumers, the unacknowledged figure is
+    added to the larger of the two ready counts, so messages the agents took
+    since the listing's figures (gone from ready, not yet counted as
+    unacknowledged) still count.
     """
     backlog, in_flight, known = 0, 0, True
     for queue in (operation_queue(operation), solo_queue(operation)):
