@@ -35,6 +35,15 @@ class Acker:
         self._order: deque[int] = deque()
         self._settled: dict[int, bool] = {}
         self._flush_pending = False
+        self._held = False
+
+    def hold(self) -> None:
+        """Send no acks until :meth:`release`: the broker's window stays as full as it is."""
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        self._schedule()
 
     def received(self, tag: int) -> None:
         self._order.append(tag)
@@ -59,6 +68,7 @@ class Acker:
         tags = list(self._order)
         self._order.clear()
         self._settled.clear()
+        self._held = False
         return tags
 
     def _schedule(self) -> None:
@@ -73,6 +83,9 @@ class Acker:
         the broker counts them against the prefetch window until they are acked.
         """
         self._flush_pending = False
+        if self._held:
+            self._after_flush()
+            return
         order, settled = self._order, self._settled
         last_acked = 0
         while order and order[0] in settled:

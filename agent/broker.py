@@ -417,29 +417,27 @@ class BrokerSession:
             assert self.channel is not None
             self.channel.basic_nack(delivery_tag, multiple=False, requeue=requeue)
 
+    def queue_depth(self, queue: str, then: Callable[[int], None]) -> None:
+        """Ready messages in ``queue`` (a passive declare), passed to ``then``."""
+        assert self.channel is not None
+        self.channel.queue_declare(queue, passive=True,
+                                   callback=lambda frame: then(frame.method.message_count))
+
     def cancel(self) -> None:
-        """Stop consuming; :attr:`on_cancelled` fires once the broker agrees."""
-        self.pause(self._on_cancelled)
-
-    @property
-    def consuming(self) -> bool:
-        return self.consumer_tag is not None or self.solo_consumer_tag is not None
-
-    def pause(self, then: Callable[[], None] | None = None) -> None:
-        """Cancel the consumers; ``then`` runs once the broker confirmed every cancel."""
+        """Stop consuming; :attr:`on_cancelled` fires once the broker confirmed every
+        consumer's cancel."""
         tags = [tag for tag in (self.consumer_tag, self.solo_consumer_tag) if tag is not None]
         self.consumer_tag = self.solo_consumer_tag = None
+        then = self._on_cancelled
         if not (self.is_open and tags):
-            if then is not None:
-                then()
+            then()
             return
         # One at a time: pika registers a cancel's callback for any Basic.CancelOk on
         # the channel, so two cancels in flight would each see the first one's reply.
         def cancel_next(_frame: pika.frame.Method | None = None) -> None:
             channel = self.channel
             if not tags or channel is None or not channel.is_open:
-                if then is not None:
-                    then()
+                then()
                 return
             tag = tags.pop()
             channel.basic_cancel(tag, callback=cancel_next)
@@ -454,11 +452,6 @@ class BrokerSession:
                 pending.discard(tag)
 
         cancel_next()
-
-    def resume(self) -> None:
-        """Consume again after :meth:`pause`."""
-        if self.is_open and not self.consuming:
-            self._consume(lambda: None)
 
     def _on_consumer_cancelled(self, _frame: pika.frame.Method) -> None:
         # The queue was deleted under us: start over, which re-checks the streams.

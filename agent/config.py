@@ -150,6 +150,11 @@ def parse_definition(data: Any) -> ProcessDefinition:
     env = fields.get("env") or {}
     if not isinstance(env, dict) or not all(isinstance(k, str) for k in env):
         raise ConfigError("process definition 'env' must map names to values")
+    for key, value in env.items():
+        # exec cannot carry these: the program could never start.
+        if not key or "=" in key or "\0" in key or "\0" in str(value):
+            raise ConfigError(f"process definition 'env' entry {key!r} cannot be passed to a "
+                              "program: names need no '=' and neither may hold a NUL byte")
     definition = ProcessDefinition(
         exec=command,
         name=fields.get("name"),

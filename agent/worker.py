@@ -57,11 +57,15 @@ select_connection.SELECT_TYPE = "select"
 
 EXIT_OK = 0
 EXIT_INTERRUPTED = 130
-# An output nobody receives (no queue bound to the output stream) pauses
-# consuming: long enough not to spin on a stream nobody reads, short enough to
+# An output nobody receives (no queue bound to the output stream) pauses the
+# agent: long enough not to spin on a stream nobody reads, short enough to
 # notice a consumer that comes back.
 PAUSE_DELAY = 1.0
 PAUSE_DELAY_MAX = 30.0
+# A draining agent cancels its consumer once its window is full, so that no
+# delivery is on its way when the cancel arrives (a quorum queue hands those back
+# as failed, charging them an attempt); past this it cancels anyway.
+CANCEL_WAIT = 0.5
 
 # What a publish stands for, so its confirm (or return) settles the right thing.
 OUTPUT, DEAD, COPY = "output", "dead letter", "copy"
@@ -112,8 +116,12 @@ class Agent(Reconnecting):
         self._confirms: deque[Pending] = deque()
         self._returned: set[str] = set()
         self._paused = False
+        # Deliveries that arrived while paused: held unacked (the broker stops at the
+        # window), run on resume.
+        self._held: deque[Delivery] = deque()
         self._pause_delay = PAUSE_DELAY
         self._resume_timer: object | None = None
+        self._cancel_timer: object | None = None
         self._writer: ThreadPoolExecutor | None = None
         topology = Topology(
             required=((stream_exchange(config.input), "input stream"),
@@ -177,11 +185,29 @@ class Agent(Reconnecting):
             return
         self._drain_timer = self.ioloop.call_later(self.config.drain_timeout, self._drain_expired)
         self._cancel_resume()
+        self._resume()
+        # Acks wait until the cancel is through: each ack would let the broker send
+        # one more delivery, and one on its way when the cancel lands comes back to
+        # the queue as a failed delivery. With the window full, none is on its way.
+        self.acker.hold()
+        self._cancel_timer = self.ioloop.call_later(CANCEL_WAIT, self._cancel_consumers)
+        self.session.queue_depth(self.queue, self._on_drain_depth)
+
+    def _on_drain_depth(self, ready: int) -> None:
+        if ready == 0 or self.acker.outstanding >= self.config.window:
+            self._cancel_consumers()
+
+    def _cancel_consumers(self) -> None:
+        if self._cancel_timer is None:
+            return  # cancelled already
+        self.ioloop.remove_timeout(self._cancel_timer)
+        self._cancel_timer = None
         self.session.cancel()
 
     def _on_cancelled(self) -> None:
         if self._draining:
             self._cancelled = True
+            self.acker.release()
             self._check_drained()
 
     def _check_drained(self) -> None:
@@ -205,6 +231,8 @@ class Agent(Reconnecting):
         self._reconnect_delay = RECONNECT_DELAY
         if not self._ever_ready:
             self._ever_ready = True
+            # Before start(): should it raise, pika closes the connection, and the
+            # agent, having been ready, reconnects rather than hangs half started.
             self.runner.start()
             log.info("%s: consuming %s -> %s (%s, window %d)", self.label, self.config.input,
                      self.config.output, self.config.definition.mode, self.config.window)
@@ -220,7 +248,11 @@ class Agent(Reconnecting):
         self._confirms.clear()
         self._returned.clear()
         self._cancel_resume()
+        if self._cancel_timer is not None:
+            self.ioloop.remove_timeout(self._cancel_timer)
+            self._cancel_timer = None
         self._paused = False
+        self._held.clear()
         if not (fatal or self._stopping):
             # Work handed in under the old connection is the broker's again.
             self.runner.reset()
@@ -242,12 +274,17 @@ class Agent(Reconnecting):
     def _receive(self, tag: int, properties: pika.BasicProperties, body: bytes,
                  solo: bool) -> None:
         self.acker.received(tag)
+        if self._cancel_timer is not None and self.acker.outstanding >= self.config.window:
+            self._cancel_consumers()
         used, crashed = retry.attempts_used(properties)
         delivery = Delivery(tag, self.epoch, body, properties, hdr.message_id(properties),
                             used + crashed + 1, solo)
         if crashed and not solo:
             # An agent died (or lost its connection) holding this message: it may be
             # the cause, or a bystander. Run it alone to find out.
+            log.info("%s: message %s was delivered %d time(s) without an outcome; it runs "
+                     "alone next (%s)", self.label, delivery.parent or f"#{tag}", crashed,
+                     self.solo)
             self._republish(delivery, self.solo, used + crashed)
             return
         max_attempts = self.config.definition.max_attempts
@@ -262,6 +299,9 @@ class Agent(Reconnecting):
                                   f"its {hdr.ATTEMPTS} header says {used} attempts were used "
                                   f"already (max_attempts is {max_attempts})", None, "",
                                   attempts=used)
+            return
+        if self._paused:
+            self._held.append(delivery)
             return
         self.runner.submit(delivery)
 
@@ -311,21 +351,26 @@ class Agent(Reconnecting):
             self.acker.rejected(delivery.tag)
 
     def _pause(self) -> None:
+        """Stop running new deliveries for a while; they wait unacked in the window.
+
+        Not a ``basic.cancel``: a quorum queue hands back the deliveries that cross a
+        cancel as failed ones, which would charge innocent messages an attempt.
+        """
         if self._paused or self._draining:
             return
         self._paused = True
         log.warning("%s: no queue is bound to stream %r, so its outputs would be lost; "
                     "pausing for %.0fs (the input queue keeps the backlog)", self.label,
                     self.config.output, self._pause_delay)
-        self.session.pause()
         self._resume_timer = self.ioloop.call_later(self._pause_delay, self._resume)
         self._pause_delay = min(self._pause_delay * 2, PAUSE_DELAY_MAX)
 
     def _resume(self) -> None:
         self._resume_timer = None
         self._paused = False
-        if not self._draining:
-            self.session.resume()
+        held, self._held = self._held, deque()
+        for delivery in held:
+            self.runner.submit(delivery)
 
     def _cancel_resume(self) -> None:
         if self._resume_timer is not None:

@@ -135,8 +135,17 @@ class ServiceRunner:
             return
         try:
             child = spawn(self._argv, self._env)
-        except OSError as exc:
-            log.error("%s: cannot start %s: %s", self.label, self._argv[0], exc.strerror)
+        except Exception as exc:
+            # OSError: the program went missing; anything else is ours. Either way the
+            # record at the head is charged, so records cannot wait on it for ever.
+            unexpected = not isinstance(exc, OSError)
+            detail = f"cannot start {self._argv[0]}: " + (
+                f"{type(exc).__name__}: {exc}" if unexpected else str(exc.strerror))
+            log.error("%s: %s", self.label, detail, exc_info=unexpected)
+            if self._inflight:
+                self.outcomes.fail(self._inflight.popleft(),
+                                   retry.UNEXPECTED if unexpected else retry.PROGRAM_FAILED,
+                                   detail, None, "")
             self._schedule_restart()
             return
         log.info("%s: started service process %d", self.label, child.pid)
