@@ -30,6 +30,7 @@ import pika.exceptions
 import pytest
 
 from streamboss.agent.naming import operation_queue_arguments
+from tools.chaos import chain as chaos_chain
 
 BROKER_URL = os.environ.get("STREAMBOSS_TEST_BROKER_URL",
                             "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -374,24 +375,7 @@ def descendants(pid: int) -> list[int]:
 
 def broker_ports(pid: int) -> set[int]:
     """Local TCP ports of ``pid``'s established connections to the broker port."""
-    inodes: set[str] = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-    ports: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as handle:
-            next(handle)
-            for line in handle:
-                fields = line.split()
-                local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-                if inode in inodes and state == "01" and int(remote.rsplit(":", 1)[1], 16) \
-                        == BROKER_PORT:
-                    ports.add(int(local.rsplit(":", 1)[1], 16))
-    return ports
+    return chaos_chain.broker_ports(pid, BROKER_PORT)
 
 
 class AgentProcess:
