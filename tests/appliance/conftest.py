@@ -458,6 +458,7 @@ def node(workdir: Path, test_host: SshHost, wheels: Path,
     broker_user = f"t-site-{session_names['operation'].rsplit('-', 1)[-1]}"
     broker_vars = {
         "rabbitmq_config_dir": str(prefix / "etc/rabbitmq"),
+        "rabbitmq_systemd_dropin_dir": str(prefix / "etc/systemd/system/rabbitmq.service.d"),
         "rabbitmq_listen_address": "127.0.0.1",
         "rabbitmq_vhosts": ["/"],
         "rabbitmq_remove_guest": False,

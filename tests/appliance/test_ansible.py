@@ -115,6 +115,9 @@ def test_the_broker_has_the_users_the_rabbitmq_role_declares(converged: Node):
     assert "listeners.tcp.default = 127.0.0.1:5672" in conf
     assert "management.tcp.port = 15672" in conf
     assert (config_dir / "enabled_plugins").read_text().strip() == "[rabbitmq_management]."
+    # quorum queues hold file handles: the broker's limit is raised for its service
+    limits = converged.prefix / "etc/systemd/system/rabbitmq.service.d/limits.conf"
+    assert "LimitNOFILE=65536" in limits.read_text().splitlines()
 
 
 def test_the_units_pass_systemd_analyze_verify_and_are_sandboxed(converged: Node):
