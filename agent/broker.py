@@ -17,6 +17,7 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 from pika.channel import Channel
 from pika.spec import Basic
 
@@ -59,6 +60,12 @@ class Topology:
     solo_queue: str | None = None
     # A queue of ours bound to an exchange of ours: dead letters are kept, never unroutable.
     kept: tuple[tuple[str, str], ...] = ()  # (queue, exchange)
+
+
+# What opening a blocking connection raises when the broker is away or stuck: pika's
+# AMQP errors, and its connection workflow's own (a handshake that times out, say),
+# which are not AMQP errors.
+CONNECT_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException)
 
 
 class BrokerError(Exception):

@@ -25,7 +25,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from streamboss.agent.broker import explain_close
+from streamboss.agent.broker import CONNECT_ERRORS, explain_close
 from streamboss.agent.naming import (
     OPERATION_PREFIX,
     RETRY_PREFIX,
@@ -155,7 +155,7 @@ class Broker:
                 params = pika.URLParameters(self.url)
                 params.client_properties = {"connection_name": "streamboss-manager"}
                 self._connection = pika.BlockingConnection(params)
-            except pika.exceptions.AMQPError as exc:
+            except CONNECT_ERRORS as exc:
                 raise BrokerUnavailable(explain_close(exc, self.url, opening=True)) from None
         self._channel = self._connection.channel()
         return self._channel

@@ -27,10 +27,9 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from streamboss.agent import retry
-from streamboss.agent.broker import explain_close
+from streamboss.agent.broker import CONNECT_ERRORS, explain_close
 from streamboss.agent.headers import (
     ATTEMPTS,
     BROKER_HEADERS,
@@ -238,7 +237,7 @@ def _connection(url: str) -> Iterator[pika.BlockingConnection]:
         connection = pika.BlockingConnection(params)
     # A broker that accepts the socket but does not finish the handshake in time
     # (stopping, starting, overloaded) fails with a connector error, not an AMQPError.
-    except (pika.exceptions.AMQPError, AMQPConnectorException) as exc:
+    except CONNECT_ERRORS as exc:
         raise BrokerUnavailable(explain_close(exc, url, opening=True)) from None
     try:
         yield connection

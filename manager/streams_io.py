@@ -8,7 +8,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from streamboss.agent.broker import explain_close
+from streamboss.agent.broker import CONNECT_ERRORS, explain_close
 from streamboss.agent.dedup import SeenIds
 from streamboss.agent.headers import message_id, output_properties
 from streamboss.agent.naming import stream_exchange
@@ -23,7 +23,7 @@ class StreamError(RuntimeError):
 def _connect(url: str) -> pika.BlockingConnection:
     try:
         return pika.BlockingConnection(pika.URLParameters(url))
-    except pika.exceptions.AMQPError as exc:
+    except CONNECT_ERRORS as exc:
         raise StreamError(explain_close(exc, url, opening=True)) from None
 
 

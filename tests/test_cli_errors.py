@@ -200,3 +200,22 @@ def test_streamboss_agent_usage_error_is_one_line() -> None:
     assert result.returncode == 2
     line = one_line(result.stderr)
     assert "batch" in line and "per-message" in line
+
+
+def test_a_broker_that_never_answers_is_one_line(tmp_path: Path) -> None:
+    """A port that accepts connections but never speaks AMQP (a wedged broker, a wrong
+    service): pika's handshake timeout is not an AMQP error, and was a traceback."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        port = silent.getsockname()[1]
+        url = f"amqp://guest:hunter3-secret@127.0.0.1:{port}/%2F?stack_timeout=2"
+        result = run_cli([str(BIN / "streamboss"), "publish", "somewhere", "hello"],
+                         env={"STREAMBOSS_BROKER_URL": url})
+    finally:
+        silent.close()
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "cannot reach the broker" in line and "Traceback" not in result.stderr
+    assert "hunter3-secret" not in result.stderr
