@@ -40,7 +40,7 @@ ATTEMPTS = "sb-attempts"
 RETRY_REASON = "sb-retry-reason"
 # Headers the broker sets; a republished copy must not carry them back.
 DELIVERY_COUNT = "x-delivery-count"
-BROKER_HEADERS = ("x-delivery-count", "x-death", "x-first-death-exchange",
+BROKER_HEADERS = (DELIVERY_COUNT, "x-death", "x-first-death-exchange",
                   "x-first-death-queue", "x-first-death-reason", "x-last-death-exchange",
                   "x-last-death-queue", "x-last-death-reason")
 

@@ -58,6 +58,23 @@ class QueueState:
     locked: bool = False
 
 
+def passive_declare(channel: BlockingChannel, queue: str) -> QueueState | None:
+    """Ready messages and consumers of ``queue`` now (an AMQP passive declare); None
+    when it does not exist, and then the broker has closed ``channel``.
+
+    Raises:
+        pika.exceptions.ChannelClosedByBroker: any other refusal (a 405: another
+            connection's exclusive queue).
+    """
+    try:
+        frame = channel.queue_declare(queue, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return None
+        raise
+    return QueueState(frame.method.message_count, frame.method.consumer_count)
+
+
 @dataclass(frozen=True)
 class QueueCounts:
     """One queue as the management API lists it: statistics a few seconds old.
@@ -310,15 +327,15 @@ class Broker:
     def queue_state(self, queue: str) -> QueueState | None:
         """Depth and consumers of ``queue``; None when it does not exist."""
         try:
-            frame = self.channel().queue_declare(queue, passive=True)
+            state = passive_declare(self.channel(), queue)
         except pika.exceptions.ChannelClosedByBroker as exc:
             self._channel = None
-            if exc.reply_code == 404:
-                return None
             if exc.reply_code == 405:
                 return QueueState(0, 1, locked=True)
             raise
-        return QueueState(frame.method.message_count, frame.method.consumer_count)
+        if state is None:
+            self._channel = None
+        return state
 
     def subscribers(self, stream: str) -> list[Subscriber]:
         """Every queue bound to ``stream``, with its consumer count.

@@ -47,7 +47,7 @@ from streamboss.agent.headers import (
 )
 from streamboss.agent.naming import dead_queue, operation_queue
 
-from .broker import BrokerUnavailable
+from .broker import BrokerUnavailable, passive_declare
 
 # Every header the agent writes on a dead letter starts with this.
 DEAD_PREFIX = "sb-dead-"
@@ -253,14 +253,11 @@ def _depth(connection: pika.BlockingConnection, queue: str) -> int | None:
     """Ready messages in ``queue``; None when it does not exist (an operation whose
     dead-letter queue the manager has not declared yet has no dead letters)."""
     channel = connection.channel()
-    try:
-        frame = channel.queue_declare(queue, passive=True)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == 404:
-            return None
-        raise
+    state = passive_declare(channel, queue)
+    if state is None:
+        return None
     channel.close()
-    return frame.method.message_count
+    return state.messages
 
 
 @contextlib.contextmanager

@@ -68,7 +68,7 @@ from streamboss.agent.naming import (
     stream_exchange,
 )
 
-from .broker import Broker, BrokerUnavailable
+from .broker import Broker, BrokerUnavailable, passive_declare
 
 log = logging.getLogger(__name__)
 
@@ -283,13 +283,8 @@ class _Session:
     def state(self, queue: str) -> tuple[int, int] | None:
         """(ready messages, consumers) of ``queue``; None when it does not exist."""
         self.step = f"looking at {queue}"
-        try:
-            frame = self._channel().queue_declare(queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return None
-            raise
-        return frame.method.message_count, frame.method.consumer_count
+        state = passive_declare(self._channel(), queue)
+        return None if state is None else (state.messages, state.consumers)
 
     def declare(self, queue: str, arguments: dict[str, Any], refused_ok: bool = False) -> bool:
         """Declare ``queue``; False when one with other arguments is there (406) and
