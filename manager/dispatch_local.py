@@ -27,6 +27,7 @@ from streamboss.agent.config import BROKER_URL_ENV, OBJECT_STORE_ENV
 from .client import TOKEN_ENV
 from .model import Archive, Definition, Operation
 from .paths import objects_dir
+from .private_files import open_private, private_dir, write_private
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,11 @@ class LocalDispatcher:
     """
 
     def __init__(self, state_dir: Path, broker_url: str, log_dir: Path | None = None) -> None:
-        self.dir = state_dir / "agents"
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.log_dir = log_dir or (state_dir / "logs")
-        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Definition files hold env values and logs hold whatever a program writes
+        # to stderr: all of it 0600 in 0700 directories.
+        private_dir(state_dir)
+        self.dir = private_dir(state_dir / "agents")
+        self.log_dir = private_dir(log_dir or (state_dir / "logs"))
         self.broker_url = broker_url
         self.pools: dict[str, Pool] = {}
         self._sequence = 0
@@ -245,9 +247,9 @@ class LocalDispatcher:
     # -- processes -------------------------------------------------------------------
 
     def _write_definition(self, operation: Operation, definition: Definition) -> Path:
-        path = self.dir / f"{operation.name}.definition.json"
-        path.write_text(json.dumps({"definition": definition.body}, indent=2))
-        return path
+        # The stored body, real env values and all (API views mask them).
+        return write_private(self.dir / f"{operation.name}.definition.json",
+                             json.dumps({"definition": definition.body}, indent=2))
 
     def _spawn(self, name: str, args: list[str]) -> AgentProcess:
         self._sequence += 1
@@ -258,11 +260,10 @@ class LocalDispatcher:
         # Large outputs go where `streamboss up` keeps objects, unless told otherwise.
         env.setdefault(OBJECT_STORE_ENV, f"file://{objects_dir(self.dir.parent)}")
         log_file = self.log_dir / f"{name}.log"
-        with log_file.open("ab") as log_handle:
+        with os.fdopen(open_private(log_file), "ab") as log_handle:
             process = subprocess.Popen([sys.executable, *args], env=env,
                                        stdin=subprocess.DEVNULL, stdout=log_handle,
                                        stderr=log_handle, start_new_session=True)
-        pid_file = self.dir / f"{name}.{process.pid}.pid"
-        pid_file.write_text(f"{process.pid}\n")
+        pid_file = write_private(self.dir / f"{name}.{process.pid}.pid", f"{process.pid}\n")
         log.info("%s: started process %d", name, process.pid)
         return AgentProcess(process, pid_file)

@@ -38,19 +38,37 @@ class Stream:
     created_at: str
 
 
+# What every view outside the manager shows for a definition's env value: the
+# names say what a program is given, the values are secrets (passwords, keys).
+MASKED = "<secret>"
+
+
+def masked_body(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with each ``env`` value replaced by :data:`MASKED` (names kept)."""
+    env = body.get("env")
+    if not isinstance(env, dict):
+        return dict(body)
+    return {**body, "env": {name: MASKED for name in env}}
+
+
 @dataclass(frozen=True)
 class Definition:
-    """A process definition: ``body`` is the agent's definition object (exec, mode, ...)."""
+    """A process definition: ``body`` is the agent's definition object (exec, mode, ...).
+
+    ``body`` holds the real ``env`` values, for the dispatchers that hand them to
+    agents; :meth:`to_dict`, the view the API and CLI show, masks them.
+    """
 
     id: int
     name: str
     version: int
-    body: dict[str, Any]
+    body: dict[str, Any] = field(repr=False)
     created_at: str
 
     def to_dict(self) -> dict[str, Any]:
+        """The public view: everything but the ``env`` values."""
         return {"id": self.id, "name": self.name, "version": self.version,
-                "definition": self.body, "created_at": self.created_at}
+                "definition": masked_body(self.body), "created_at": self.created_at}
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from .client import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
 from .dispatch_aws import AwsDispatcher
 from .dispatch_local import LocalDispatcher
 from .paths import archives_dir, objects_dir
+from .private_files import open_private, private_dir
 from .pulumi_stack import PulumiStack, PulumiUnavailable, check_stack_name, default_project_dir
 from .reconciler import Reconciler
 from .store import Store
@@ -93,8 +94,9 @@ def lock_state_dir(state_dir: Path) -> TextIO:
     Raises:
         ServerError: another live manager holds it.
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
-    handle = (state_dir / "manager.lock").open("a+")
+    private_dir(state_dir)
+    # 0600 like everything in the state directory.
+    handle = os.fdopen(open_private(state_dir / "manager.lock", os.O_RDWR | os.O_APPEND), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -32,11 +32,14 @@ from .model import (
     ScalingPolicy,
     Stream,
 )
+from .private_files import FILE_MODE, private_dir, private_file, tighten
 
 # A segment smaller than this would make an object per handful of messages.
 MIN_SEGMENT_BYTES = 4096
 
 DB_NAME = "streamboss.db"
+# The files SQLite keeps beside the database in WAL mode.
+WAL_SUFFIXES = ("-wal", "-shm", "-journal")
 # How long a write waits for the writes before it. Writes are short, but some
 # hold the transaction open across a broker round trip (topology before commit),
 # and a broker that is slow to answer must not turn a queue of writers into
@@ -144,8 +147,15 @@ class Store:
     #   to SQLite's busy handler, which polls and gives up with "database is
     #   locked"; the busy timeout still covers another process on the file.
     def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(state_dir)
         self.path = state_dir / DB_NAME
+        # The database holds definitions' env values. SQLite creates a missing file
+        # (and later its -wal and -shm) with the umask's mode, but gives -wal and
+        # -shm the database file's own mode: so the database is made 0600 before
+        # SQLite opens it, and files left looser by an older release are tightened.
+        private_file(self.path)
+        for suffix in WAL_SUFFIXES:
+            tighten(self.path.with_name(self.path.name + suffix), FILE_MODE)
         self._local = threading.local()
         self._write_lock = threading.Lock()
         # Every connection opened, by thread, so close() can close them all and a
