@@ -18,10 +18,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .framing import FRAMINGS
 from .naming import MAX_ATTEMPTS_LIMIT, InvalidName, check_name
+from .object_refs import ObjectStores, parse_allow
 from .retry import DEFAULT_RETRY_DELAY, RETRY_DELAY_MAX
 
 BROKER_URL_ENV = "STREAMBOSS_BROKER_URL"
 OBJECT_STORE_ENV = "STREAMBOSS_OBJECT_STORE"
+# More places object references may point into, beside the object store: comma-separated
+# URL prefixes (file:///dir, s3://bucket[/prefix]).
+OBJECT_ALLOW_ENV = "STREAMBOSS_OBJECT_ALLOW"
 # Outputs above this go to the object store as references: far below RabbitMQ's
 # 128 MiB message limit, and large messages slow every queue they pass through.
 DEFAULT_OUTPUT_THRESHOLD = 4 * 1024 * 1024
@@ -191,6 +195,8 @@ class AgentConfig:
     prefetch: int = 0
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     object_store: str | None = None
+    # Prefixes beside object_store that object references may point into.
+    object_allow: tuple[str, ...] = ()
     output_threshold: int = DEFAULT_OUTPUT_THRESHOLD
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
 
@@ -290,6 +296,17 @@ def build_config(
     window = prefetch if prefetch is not None else op_section.get("prefetch", 0)
     drain = drain_timeout if drain_timeout is not None else op_section.get(
         "drain_timeout", DEFAULT_DRAIN_TIMEOUT)
+    object_store = os.environ.get(OBJECT_STORE_ENV) or file_values.get("object_store")
+    allow_value = os.environ.get(OBJECT_ALLOW_ENV) or file_values.get("object_allow")
+    if allow_value is not None and not isinstance(allow_value, str | list):
+        raise ConfigError("object_allow must be a list of URL prefixes (or one "
+                          "comma-separated string)")
+    object_allow = parse_allow(allow_value)
+    try:
+        ObjectStores.configured(object_store, object_allow)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (from {OBJECT_STORE_ENV}, {OBJECT_ALLOW_ENV} or the config "
+                          "file)") from None
     return AgentConfig(
         operation=op,
         input=source,
@@ -298,7 +315,8 @@ def build_config(
         broker_url=broker_url(file_values.get("broker_url")),
         prefetch=_number("prefetch", window, integer=True, minimum=0),
         drain_timeout=float(_number("drain_timeout", drain, integer=False, minimum=0)),
-        object_store=os.environ.get(OBJECT_STORE_ENV) or file_values.get("object_store"),
+        object_store=object_store,
+        object_allow=object_allow,
         output_threshold=_number(
             "output_threshold", output_threshold or op_section.get(
                 "output_threshold", DEFAULT_OUTPUT_THRESHOLD),

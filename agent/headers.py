@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pika
@@ -55,16 +56,46 @@ REPLAYED_FROM = "sb-replayed-from"
 PERSISTENT = 2
 
 
-def object_reference(properties: pika.BasicProperties) -> tuple[str, str] | None:
-    """``(url, sha256)`` when the message is an object reference, else None."""
+@dataclass(frozen=True)
+class ObjectReference:
+    """A message's claim check, as its publisher wrote it (nothing here is trusted).
+
+    Attributes:
+        url: ``sb-object-url``.
+        sha256: ``sb-object-sha256``, lowercase hex, stripped; "" when absent.
+        size: ``sb-object-size`` in bytes; None when absent or not a whole number >= 0.
+    """
+
+    url: str
+    sha256: str
+    size: int | None
+
+
+def object_reference(properties: pika.BasicProperties) -> ObjectReference | None:
+    """The message's object reference, or None when it is not one."""
     headers = properties.headers
     if not headers or OBJECT_URL not in headers:
         return None
 
     def text(value: Any) -> str:
-        return value.decode() if isinstance(value, bytes) else str(value or "")
+        return value.decode(errors="replace") if isinstance(value, bytes) \
+            else str(value or "")
 
-    return text(headers[OBJECT_URL]), text(headers.get(OBJECT_SHA256))
+    return ObjectReference(text(headers[OBJECT_URL]),
+                           text(headers.get(OBJECT_SHA256)).strip().lower(),
+                           _size(headers.get(OBJECT_SIZE)))
+
+
+def _size(value: Any) -> int | None:
+    """A declared size: an AMQP integer, or decimal digits as text (another publisher's
+    choice); anything else is no size."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
 
 
 _second_cache: tuple[int, str] = (-1, "")

@@ -114,6 +114,19 @@ def _parse(url: str) -> _FileTarget | _S3Target:
     )
 
 
+def split_url(url: str) -> tuple[str, str, str]:
+    """``("file", "", path)`` or ``("s3", bucket, key)`` for a valid object URL; the
+    file path is percent-decoded, as opened.
+
+    Raises:
+        ObjectStoreError: a malformed URL or another scheme, in one line.
+    """
+    target = _parse(url)
+    if isinstance(target, _FileTarget):
+        return "file", "", target.path
+    return "s3", target.bucket, target.key
+
+
 # ---------------------------------------------------------------- S3 plumbing
 
 
@@ -494,6 +507,29 @@ def open_read(url: str, *, endpoint_url: str | None = None) -> BinaryIO:
     return cast(BinaryIO, response["Body"])
 
 
+def open_s3(url: str, *, endpoint_url: str | None = None) -> tuple[BinaryIO, int]:
+    """Open an ``s3://`` object for streaming reads: ``(body, content_length)``; the
+    caller closes the body. Nothing is read before the caller asks.
+
+    Raises:
+        ObjectStoreError: not an S3 URL, missing object or bucket, unusable credentials.
+    """
+    target = _parse(url)
+    if not isinstance(target, _S3Target):
+        raise ObjectStoreError(f"{url}: not an s3:// URL", url)
+    client = _s3_client(endpoint_url, url)
+    try:
+        response = client.get_object(Bucket=target.bucket, Key=target.key)
+    except _botocore_errors() as exc:
+        raise _s3_error(exc, url, target.bucket) from exc
+    return cast(BinaryIO, response["Body"]), int(response["ContentLength"])
+
+
+def read_errors() -> tuple[type[Exception], ...]:
+    """What a read from an opened object may raise midway (OS and botocore errors)."""
+    return (OSError, *_botocore_errors())
+
+
 def iter_chunks(
     url: str, chunk_size: int = DEFAULT_CHUNK_SIZE, *, endpoint_url: str | None = None
 ) -> Iterator[bytes]:
@@ -622,9 +658,10 @@ def verify(
     digest = hashlib.sha256()
     for chunk in iter_chunks(url, chunk_size, endpoint_url=endpoint_url):
         digest.update(chunk)
-    actual = digest.hexdigest()
-    if actual != expected_sha256.strip().lower():
+    if digest.hexdigest() != expected_sha256.strip().lower():
+        # The digest computed is not named: it would tell a caller who named the
+        # object what it holds (a guessed file's digest confirms its content).
         raise ObjectStoreError(
-            f"{url}: digest mismatch: expected sha256 {expected_sha256}, got {actual}; "
-            "the object is corrupt or was replaced", url
+            f"{url}: digest mismatch: the content does not hash to the expected sha256 "
+            f"{expected_sha256}; the object is corrupt or was replaced", url
         )

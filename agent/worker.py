@@ -43,6 +43,7 @@ from .naming import (
     solo_queue,
     stream_exchange,
 )
+from .object_refs import ObjectStores
 from .reconnect import RECONNECT_DELAY, Reconnecting
 from .runners import Runner
 from .runners.per_message import PerMessageRunner
@@ -146,7 +147,9 @@ class Agent(Reconnecting):
         if definition.mode == "service":
             self.runner = ServiceRunner(definition, self, self.label)
         else:
-            self.runner = PerMessageRunner(definition, config.concurrency, self, self.label)
+            self.runner = PerMessageRunner(
+                definition, config.concurrency, self, self.label,
+                ObjectStores.configured(config.object_store, config.object_allow))
 
     # -- run ----------------------------------------------------------------
 

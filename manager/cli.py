@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import mimetypes
@@ -21,7 +20,13 @@ import pika
 from streamboss.agent import headers as hdr
 from streamboss.agent import objects
 from streamboss.agent.cli import agent_command, run_cli
-from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL, OBJECT_STORE_ENV
+from streamboss.agent.config import (
+    BROKER_URL_ENV,
+    DEFAULT_BROKER_URL,
+    OBJECT_ALLOW_ENV,
+    OBJECT_STORE_ENV,
+)
+from streamboss.agent.object_refs import ObjectStores, ReferenceRefused, parse_allow
 
 from .client import DEFAULT_HOST, DEFAULT_PORT, Client, ClientError
 from .commands.common import OUTPUT
@@ -30,6 +35,7 @@ from .commands.common import emit as _emit
 from .commands.common import fail as _fail
 from .commands.common import table as _table
 from .commands.dead_letters import dead
+from .fetch import Fetcher, FetchError
 from .model import ScalingPolicy
 from .paths import objects_dir, state_dir
 from .publisher import ConfirmedPublisher, PublishError
@@ -347,8 +353,12 @@ def publish_(stream: str, messages: tuple[str, ...]) -> None:
 @click.option("-o", "--output", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Body text per line, or a JSON object per line.")
 @click.option("--fetch", "fetch_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write referenced objects into this directory (digest checked) and print "
-                   "their paths instead of the references.")
+              help="Write referenced objects into this directory, under names made here, "
+                   "and print their paths instead of the references. Objects are read only "
+                   f"from the object store ({OBJECT_STORE_ENV}, default file://<state>/objects)"
+                   f" and the prefixes of {OBJECT_ALLOW_ENV} (comma-separated), checked "
+                   "against the reference's size and sha256 (without a sha256: its size, and "
+                   "the sha256 computed is printed on stderr).")
 @click.option("--dedup", type=click.IntRange(min=1), metavar="N",
               help="Drop a message whose id (sb-id, else its AMQP message-id) is among the "
                    "last N distinct ids shown: the duplicates at-least-once delivery makes. "
@@ -357,25 +367,21 @@ def consume_(stream: str, count: int | None, timeout: float | None, raw: bool,
              fmt: str, fetch_dir: Path | None, dedup: int | None) -> None:
     """Print each message of STREAM as it arrives (Ctrl-C stops)."""
     out = sys.stdout.buffer
+    fetcher: Fetcher | None = None
     if fetch_dir is not None:
-        fetch_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fetcher = Fetcher(fetch_dir, _user_object_stores())
+        except FetchError as exc:
+            _fail(exc)
 
     def show(body: bytes, props: pika.BasicProperties) -> None:
-        claim = hdr.object_reference(props) if fetch_dir is not None else None
-        if claim is not None and fetch_dir is not None:
-            url, sha256 = claim
-            name = f"{hdr.message_id(props) or uuid.uuid4().hex}-{Path(url).name}"
-            path = fetch_dir / name
-            digest = hashlib.sha256()
-            with path.open("wb") as target:
-                for chunk in objects.iter_chunks(url):
-                    digest.update(chunk)
-                    target.write(chunk)
-            if sha256 and digest.hexdigest() != sha256:
-                raise objects.ObjectStoreError(
-                    f"{url}: digest mismatch (got {digest.hexdigest()}, reference says "
-                    f"{sha256}); partial copy left at {path}", url)
-            out.write(str(path).encode() + b"\n")
+        claim = hdr.object_reference(props) if fetcher is not None else None
+        if claim is not None and fetcher is not None:
+            fetched = fetcher.fetch(claim)
+            if not fetched.by_digest:
+                click.echo(f"{fetched.path}: the reference carries no sha256, so only its "
+                           f"size was checked; sha256 {fetched.sha256}", err=True)
+            out.write(str(fetched.path).encode() + b"\n")
         elif raw:
             out.write(body)
         elif fmt == "json":
@@ -392,10 +398,23 @@ def consume_(stream: str, count: int | None, timeout: float | None, raw: bool,
 
     try:
         consume(_broker_url(), stream, show, count=count, timeout=timeout, dedup=dedup or 0)
-    except (StreamError, objects.ObjectStoreError) as exc:
+    except (StreamError, objects.ObjectStoreError, ReferenceRefused, FetchError) as exc:
         _fail(exc)
     except KeyboardInterrupt:
         return
+    finally:
+        if fetcher is not None:
+            fetcher.close()
+
+
+def _user_object_stores() -> ObjectStores:
+    """Where `consume --fetch` may read references: the user's object store (the one
+    `stream-file` uses by default) and the prefixes of STREAMBOSS_OBJECT_ALLOW."""
+    try:
+        return ObjectStores.configured(_default_store(),
+                                       parse_allow(os.environ.get(OBJECT_ALLOW_ENV)))
+    except ValueError as exc:
+        _fail(ValueError(f"{exc} (from {OBJECT_STORE_ENV} or {OBJECT_ALLOW_ENV})"))
 
 
 def _default_store() -> str:

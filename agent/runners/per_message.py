@@ -8,9 +8,10 @@ pipes; results return to the loop thread through ``add_callback_threadsafe``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import heapq
 import logging
+import os
+import select
 import subprocess
 import threading
 import time
@@ -22,6 +23,7 @@ from .. import objects, retry
 from ..config import ProcessDefinition
 from ..delivery import Delivery
 from ..headers import object_reference
+from ..object_refs import ObjectStores, OpenedObject, ReferenceRefused, open_reference
 from ..process import StderrTail, child_env, exit_reason, kill_group, spawn
 from . import Outcomes
 
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # Large enough to keep the pipe full, small enough that a big object never is.
 FEED_CHUNK = 1024 * 1024
+# How often a feeder waiting for room in a child's pipe looks whether the child is gone.
+STOP_POLL_MS = 100
 
 
 @dataclass(frozen=True)
@@ -83,34 +87,70 @@ class Watchdog:
 
 
 class ObjectFeed:
-    """Streams a referenced object into a child's stdin, hashing it on the way.
+    """Streams a referenced object, opened inside the stores, into a child's stdin.
 
     The object is never whole in memory: it goes from the store to the pipe in
-    chunks, and the digest is compared once the child has read it all.
+    chunks, capped at its declared size, and its size and digest are checked once
+    it has all gone in. No read outlives the message: the pump stops as soon as
+    the child stops reading (its stdin closes) or :func:`run_once` sets
+    :attr:`stop` because the child is gone. A child that stopped reading early is
+    judged by its exit status, as with a plain body it did not read to the end
+    (``head -c 10``): what it read came from inside the stores and within the
+    declared size, but the digest of the rest was never computed.
     """
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.sha256 = hashlib.sha256()
+    def __init__(self, opened: OpenedObject) -> None:
+        self.opened = opened
+        # A store failure midway: worth retrying.
         self.error: str | None = None
+        # A rule the object broke while it was read (larger, smaller, another
+        # digest): it never succeeds, so it is dead-lettered.
+        self.refused: str | None = None
+        self.stop = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return self.opened.reference.url
+
+    def close(self) -> None:
+        self.opened.close()
 
     def pump(self, stdin: IO[bytes]) -> None:
-        piping = True
+        fd = stdin.fileno()
         try:
-            for chunk in objects.iter_chunks(self.url, FEED_CHUNK):
-                self.sha256.update(chunk)
-                if piping:
-                    try:
-                        stdin.write(chunk)
-                    except OSError:
-                        # The child stopped reading (`head`, `file -`): fine, but the
-                        # object is still verified to the end.
-                        piping = False
+            # Non-blocking writes with a poll between them: a child that neither
+            # reads nor exits (or a grandchild holding the pipe) cannot hold this
+            # thread once run_once has set stop.
+            os.set_blocking(fd, False)
+            for chunk in self.opened.chunks(FEED_CHUNK):
+                if not self._write(fd, chunk):
+                    return  # the child stopped reading: so does the feeder
+        except ReferenceRefused as exc:
+            self.refused = str(exc)
         except objects.ObjectStoreError as exc:
             self.error = str(exc)
         finally:
+            self.close()
             with contextlib.suppress(OSError):
                 stdin.close()
+
+    def _write(self, fd: int, chunk: bytes) -> bool:
+        """Write all of ``chunk``; False once the child is gone or stopped reading."""
+        view = memoryview(chunk)
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        while view:
+            if self.stop.is_set():
+                return False
+            try:
+                written = os.write(fd, view)
+            except BlockingIOError:
+                poller.poll(STOP_POLL_MS)  # room in the pipe, or time to look at stop
+                continue
+            except OSError:
+                return False  # EPIPE: the child closed its stdin or exited
+            view = view[written:]
+        return True
 
 
 def run_once(argv: list[str], env: dict[str, str], body: bytes | ObjectFeed,
@@ -120,10 +160,13 @@ def run_once(argv: list[str], env: dict[str, str], body: bytes | ObjectFeed,
     kill its process group if it overruns ``timeout``.
 
     The child sits in ``live`` while it runs, so that a hard stop can kill it.
+    A feeder still writing when the child is gone is stopped before this returns.
     """
     try:
         child = spawn(argv, env)
     except OSError as exc:
+        if isinstance(body, ObjectFeed):
+            body.close()
         stderr.feed(f"cannot start {argv[0]}: {exc.strerror}\n".encode())
         return Result(127, b"", False)
     live.add(child)
@@ -142,9 +185,15 @@ def run_once(argv: list[str], env: dict[str, str], body: bytes | ObjectFeed,
             out, err = child.communicate(body)
     finally:
         if feeder is not None:
+            assert isinstance(body, ObjectFeed)
+            body.stop.set()  # the child has exited: nothing more goes in
             feeder.join()
         live.discard(child)
         timed_out = timeout is not None and watchdog.done(child)
+    if isinstance(body, ObjectFeed) and body.refused:
+        # The object was not what its reference described: what the child said
+        # about it (it may echo it) is neither logged nor kept for the dead letter.
+        err = b""
     stderr.feed(err)
     stderr.flush()
     return Result(child.returncode, out, timed_out)
@@ -159,8 +208,10 @@ class PerMessageRunner:
     """
 
     def __init__(self, definition: ProcessDefinition, concurrency: int, outcomes: Outcomes,
-                 label: str) -> None:
+                 label: str, stores: ObjectStores) -> None:
         self.definition = definition
+        # Where object references may point; anything else is dead-lettered unread.
+        self.stores = stores
         self.outcomes = outcomes
         self.label = label
         self._argv = definition.argv
@@ -204,20 +255,30 @@ class PerMessageRunner:
         definition = self.definition
         reference = object_reference(delivery.properties)
         stderr = StderrTail(self.label)
-        feed = ObjectFeed(reference[0]) if reference else None
+        feed: ObjectFeed | None = None
+        if reference is not None:
+            try:
+                feed = ObjectFeed(open_reference(reference, self.stores, require_digest=True))
+            except ReferenceRefused as exc:
+                # Refused before any child runs: nothing of the target can reach it.
+                self._report(self.outcomes.dead_letter, delivery, retry.BAD_INPUT, str(exc),
+                             None, "")
+                return
+            except objects.ObjectStoreError as exc:
+                self._report(self.outcomes.fail, delivery, retry.OBJECT_STORE, str(exc),
+                             None, "")
+                return
         result = run_once(self._argv, self._env, feed or delivery.body, definition.timeout,
                           stderr, self._live, self._watchdog)
-        if reference and feed:
+        if feed is not None:
+            if feed.refused:
+                # A corrupt or swapped object does not heal by retrying.
+                self._report(self.outcomes.dead_letter, delivery, retry.BAD_INPUT,
+                             feed.refused, None, "")
+                return
             if feed.error:
                 self._report(self.outcomes.fail, delivery, retry.OBJECT_STORE, feed.error,
                              None, stderr.text())
-                return
-            digest = feed.sha256.hexdigest()
-            if digest != reference[1]:
-                # A corrupt object does not heal by retrying.
-                self._report(self.outcomes.dead_letter, delivery, retry.OBJECT_STORE,
-                             f"object digest mismatch: {reference[0]} has sha256 {digest}, "
-                             f"the reference says {reference[1]}", None, stderr.text())
                 return
         if result.returncode == 0 and not result.timed_out:
             self._report(self.outcomes.emit, delivery, result.stdout)
