@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from pika.channel import Channel
 from pika.spec import Basic
 
 from .config import redact
+from .tls import BROKER_CA_ENV, BrokerTLSError, connection_parameters
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,10 @@ class Topology:
 
 
 # What opening a blocking connection raises when the broker is away or stuck: pika's
-# AMQP errors, and its connection workflow's own (a handshake that times out, say),
-# which are not AMQP errors.
-CONNECT_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException)
+# AMQP errors, its connection workflow's own (a handshake that times out, say), which
+# are not AMQP errors, and the socket's own from the TLS handshake (a certificate that
+# does not verify), which pika re-raises unwrapped.
+CONNECT_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException, OSError)
 
 
 class BrokerError(Exception):
@@ -80,9 +83,19 @@ def max_size_refused(reason: BaseException) -> int | None:
 
 def _root_cause(error: BaseException) -> str:
     """The innermost reason pika wrapped (e.g. ``Connection refused``)."""
+    error = _innermost(error)
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return error.verify_message or str(error)
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return str(error) or type(error).__name__
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The innermost exception pika wrapped."""
     for _ in range(8):
         if isinstance(error, OSError):
-            return error.strerror or str(error)
+            return error
         inner = getattr(error, "exceptions", None)
         if inner:
             error = inner[-1]
@@ -92,7 +105,7 @@ def _root_cause(error: BaseException) -> str:
             error = error.args[0]
         else:
             break
-    return str(error) or type(error).__name__
+    return error
 
 
 def explain_close(reason: BaseException, url: str, opening: bool = False) -> str:
@@ -102,6 +115,10 @@ def explain_close(reason: BaseException, url: str, opening: bool = False) -> str
                   pika.exceptions.ProbableAccessDeniedError):
         return (f"the broker at {where} refused the credentials or vhost: "
                 "check the user, password and vhost in STREAMBOSS_BROKER_URL or the config file")
+    if isinstance(_innermost(reason), ssl.SSLCertVerificationError):
+        return (f"the broker at {where} presented a certificate that does not verify "
+                f"({_root_cause(reason)}): set {BROKER_CA_ENV} to the broker's CA certificate "
+                "and use the host name its certificate names")
     if opening:
         return (f"cannot reach the broker at {where} ({_root_cause(reason)}): start RabbitMQ "
                 "or set STREAMBOSS_BROKER_URL")
@@ -181,7 +198,15 @@ class BrokerSession:
         self._checking_queue = False
         self._declaring_queue = None
         self._declared_queues = set()
-        params = pika.URLParameters(self.url)
+        try:
+            params = connection_parameters(self.url)
+        except BrokerTLSError as exc:
+            # A TLS setting no retry can fix (a CA file that is not there, a CA for a
+            # plain amqp:// URL): fatal, reported from the loop like any refusal.
+            self.connection = None
+            reason = str(exc)
+            self.ioloop.call_later(0, lambda: self._on_lost(reason, True))
+            return
         # Long transforms must not look like a dead peer; heartbeats run on the loop.
         params.heartbeat = 30
         params.client_properties = {"connection_name": self.connection_name}

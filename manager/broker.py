@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +38,15 @@ from streamboss.agent.naming import (
     solo_queue,
     stream_exchange,
 )
+from streamboss.agent.tls import TLS_SCHEME, connection_parameters, management_verify
 
 log = logging.getLogger(__name__)
 
+# RabbitMQ's management API: plain HTTP beside amqp://, HTTPS (its management.ssl
+# listener) beside amqps://, unless STREAMBOSS_MANAGEMENT_URL names it (Amazon MQ: 443).
 MANAGEMENT_PORT = 15672
+MANAGEMENT_TLS_PORT = 15671
+MANAGEMENT_URL_ENV = "STREAMBOSS_MANAGEMENT_URL"
 # A hung management API must not stall the reconciler's pass for long.
 MANAGEMENT_TIMEOUT = 3.0
 
@@ -132,6 +138,18 @@ class Subscriber:
         return None
 
 
+def default_management_url(url: str) -> str:
+    """The management API beside the broker at ``url``: https on 15671 for amqps://
+    (RabbitMQ's TLS listener for it), http on 15672 for amqp://."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.scheme == TLS_SCHEME:
+        return f"https://{host}:{MANAGEMENT_TLS_PORT}"
+    return f"http://{host}:{MANAGEMENT_PORT}"
+
+
 class Broker:
     """A blocking AMQP connection plus the management API, reopened when lost."""
 
@@ -140,13 +158,14 @@ class Broker:
         parts = urlsplit(url)
         self.vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
         self._auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
-        scheme = "https" if parts.scheme == "amqps" else "http"
-        self.management_url = management_url or f"{scheme}://{parts.hostname or '127.0.0.1'}:" \
-                                                 f"{MANAGEMENT_PORT}"
+        self.management_url = (management_url or os.environ.get(MANAGEMENT_URL_ENV)
+                               or default_management_url(url))
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        # The API is verified like the broker: STREAMBOSS_BROKER_CA, else the system's CAs.
+        verify = management_verify() if self.management_url.startswith("https:") else True
         self._http = httpx.Client(base_url=self.management_url, auth=self._auth,
-                                  timeout=MANAGEMENT_TIMEOUT)
+                                  timeout=MANAGEMENT_TIMEOUT, verify=verify)
 
     def close(self) -> None:
         self._http.close()
@@ -169,7 +188,7 @@ class Broker:
             return self._channel
         if self._connection is None or not self._connection.is_open:
             try:
-                params = pika.URLParameters(self.url)
+                params = connection_parameters(self.url)
                 params.client_properties = {"connection_name": "streamboss-manager"}
                 self._connection = pika.BlockingConnection(params)
             except CONNECT_ERRORS as exc:

@@ -27,6 +27,7 @@ from streamboss.agent.config import (
     OBJECT_STORE_ENV,
 )
 from streamboss.agent.object_refs import ObjectStores, ReferenceRefused, parse_allow
+from streamboss.agent.tls import BrokerTLSError, check_broker_tls
 
 from .client import DEFAULT_HOST, DEFAULT_PORT, Client, ClientError
 from .commands.common import OUTPUT
@@ -46,7 +47,13 @@ from .streams_io import StreamError, check_stream, consume, publish
 
 
 def _broker_url() -> str:
-    return os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL
+    """The broker URL, its TLS settings checked (a bad CA file is one line, exit 2)."""
+    url = os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL
+    try:
+        check_broker_tls(url)
+    except BrokerTLSError as exc:
+        _fail(exc)
+    return url
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -46,6 +46,7 @@ from streamboss.agent.headers import (
     message_id,
 )
 from streamboss.agent.naming import dead_queue, operation_queue
+from streamboss.agent.tls import connection_parameters
 
 from .broker import BrokerUnavailable, passive_declare
 
@@ -231,7 +232,7 @@ def _connection(url: str) -> Iterator[pika.BlockingConnection]:
     Raises:
         BrokerUnavailable: the broker cannot be reached.
     """
-    params = pika.URLParameters(url)
+    params = connection_parameters(url)
     params.client_properties = {"connection_name": "streamboss-manager-dead-letters"}
     try:
         connection = pika.BlockingConnection(params)

@@ -22,6 +22,7 @@ from pika.spec import Basic
 
 from streamboss.agent.broker import explain_close
 from streamboss.agent.naming import stream_exchange
+from streamboss.agent.tls import connection_parameters
 
 # Unconfirmed messages in flight: enough to hide the round trip at ~10k msg/s,
 # small enough that a refusal is noticed within a fraction of a second.
@@ -80,7 +81,7 @@ class ConfirmedPublisher:
                 confirmed before that are :attr:`confirmed`.
         """
         self._messages = iter(messages)
-        params = pika.URLParameters(self.url)
+        params = connection_parameters(self.url)
         params.client_properties = {"connection_name": "streamboss-publisher"}
         self._connection = pika.SelectConnection(
             parameters=params, on_open_callback=self._on_open,

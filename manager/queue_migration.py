@@ -67,6 +67,7 @@ from streamboss.agent.naming import (
     solo_queue,
     stream_exchange,
 )
+from streamboss.agent.tls import connection_parameters
 
 from .broker import Broker, BrokerUnavailable, passive_declare
 
@@ -264,7 +265,7 @@ class _Session:
         self._control = self._connection.channel()
 
     def _open(self) -> pika.BlockingConnection:
-        params = pika.URLParameters(self.url)
+        params = connection_parameters(self.url)
         params.client_properties = {"connection_name": "streamboss-manager-migration"}
         return pika.BlockingConnection(params)
 

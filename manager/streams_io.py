@@ -12,6 +12,7 @@ from streamboss.agent.broker import CONNECT_ERRORS, explain_close
 from streamboss.agent.dedup import SeenIds
 from streamboss.agent.headers import message_id, output_properties
 from streamboss.agent.naming import stream_exchange
+from streamboss.agent.tls import connection_parameters
 
 SOURCE = "/streamboss/cli"
 
@@ -22,7 +23,7 @@ class StreamError(RuntimeError):
 
 def _connect(url: str) -> pika.BlockingConnection:
     try:
-        return pika.BlockingConnection(pika.URLParameters(url))
+        return pika.BlockingConnection(connection_parameters(url))
     except CONNECT_ERRORS as exc:
         raise StreamError(explain_close(exc, url, opening=True)) from None
 
