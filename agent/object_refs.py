@@ -74,8 +74,12 @@ class StorePrefix:
     key_prefix: str = ""
 
 
-def parse_prefix(url: str) -> StorePrefix:
+def parse_prefix(url: str, what: str = "object store") -> StorePrefix:
     """A configured store or allow-list entry as a :class:`StorePrefix`.
+
+    Parameters:
+        url: ``file:///abs/dir`` or ``s3://bucket[/prefix]``.
+        what: what the URL is, for the message ("object store", "archive store").
 
     Raises:
         ValueError: one line naming the entry and the form it should take.
@@ -85,15 +89,15 @@ def parse_prefix(url: str) -> StorePrefix:
         bucket, _, key = text[len("s3://"):].partition("/")
         key = key.strip("/")
         if not bucket or "?" in text or "#" in text or ".." in key.split("/"):
-            raise ValueError(f"object store {url!r}: name a bucket and an optional key "
+            raise ValueError(f"{what} {url!r}: name a bucket and an optional key "
                              "prefix, as in s3://bucket/prefix")
         return StorePrefix(text, "s3", bucket, key)
     try:
         scheme, _, path = objects.split_url(text)
     except objects.ObjectStoreError as exc:
-        raise ValueError(f"object store {url!r}: {exc}") from None
+        raise ValueError(f"{what} {url!r}: {exc}") from None
     if scheme != "file" or "\0" in path:
-        raise ValueError(f"object store {url!r}: use file:///abs/dir or s3://bucket/prefix")
+        raise ValueError(f"{what} {url!r}: use file:///abs/dir or s3://bucket/prefix")
     return StorePrefix(text, "file", _normalise(path))
 
 
@@ -177,6 +181,17 @@ class ObjectStores:
 
 def _under(path: str, root: str) -> bool:
     return root == "/" or path == root or path.startswith(root + "/")
+
+
+def prefix_within(inner: StorePrefix, outer: StorePrefix) -> bool:
+    """Whether everything under ``inner`` lies under ``outer`` (the same place counts)."""
+    if inner.scheme != outer.scheme:
+        return False
+    if inner.scheme == "file":
+        return _under(inner.root, outer.root)
+    return inner.root == outer.root and (
+        not outer.key_prefix or inner.key_prefix == outer.key_prefix
+        or inner.key_prefix.startswith(outer.key_prefix + "/"))
 
 
 # ---------------------------------------------------------------- opening

@@ -25,6 +25,7 @@ from streamboss.agent.archive import ArchiveError, ArchiveIndex
 from streamboss.agent.config import DEFAULT_CONSUMER_TIMEOUT, ConfigError, parse_definition
 
 from . import consumer_timeout
+from .archive_stores import ArchiveStoreRefused, check_archive_store
 from .broker import Broker, BrokerUnavailable
 from .graph import render_graph
 from .model import Archive
@@ -304,6 +305,11 @@ def create_app(manager: Manager) -> FastAPI:
             manager.on_broker(lambda b: b.ensure_archive(archive.stream))
 
         store = (body.store or manager.archive_store).rstrip("/")
+        try:
+            # Archivers write as the manager: only under its own archive prefixes.
+            check_archive_store(store, manager.archive_store)
+        except ArchiveStoreRefused as exc:
+            raise StoreError(str(exc)) from None
         archive, started = manager.store.start_archive(
             body.stream, store, body.segment_bytes, body.segment_seconds,
             before_commit=prepare)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamboss.agent.config import BROKER_URL_ENV, OBJECT_STORE_ENV
+from streamboss.agent.config import BROKER_URL_ENV, OBJECT_ALLOW_ENV, OBJECT_STORE_ENV
 
 from .client import TOKEN_ENV
 from .model import Archive, Definition, Operation
@@ -259,6 +259,12 @@ class LocalDispatcher:
         env[BROKER_URL_ENV] = self.broker_url
         # Large outputs go where `streamboss up` keeps objects, unless told otherwise.
         env.setdefault(OBJECT_STORE_ENV, f"file://{objects_dir(self.dir.parent)}")
+        # Agents read object references only inside their store and these prefixes:
+        # an operator admits another (the bucket `stream-file --store s3://...` uploads
+        # to) in the manager's environment. Passed by name, so it survives any
+        # narrowing of what agents inherit.
+        if os.environ.get(OBJECT_ALLOW_ENV):
+            env[OBJECT_ALLOW_ENV] = os.environ[OBJECT_ALLOW_ENV]
         log_file = self.log_dir / f"{name}.log"
         with os.fdopen(open_private(log_file), "ab") as log_handle:
             process = subprocess.Popen([sys.executable, *args], env=env,

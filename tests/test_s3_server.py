@@ -20,17 +20,33 @@ ARCHIVE_TIMEOUT = 60.0
 
 
 @pytest.fixture(scope="module")
-def manager(module_managers: ManagerPool, moto_server: MotoServer) -> ManagerProcess:
+def buckets(moto_server: MotoServer) -> dict[str, str]:
+    """The buckets the manager is told about: objects its agents may read, archive
+    prefixes its archivers may write."""
+    return {"objects": moto_server.bucket("objects"), "archive": moto_server.bucket("archive")}
+
+
+@pytest.fixture(scope="module")
+def manager(module_managers: ManagerPool, moto_server: MotoServer,
+            buckets: dict[str, str]) -> ManagerProcess:
     manager = module_managers.new()
-    manager.extra_env = moto_server.env
+    # The agents' own store is file://<state>/objects: the operator admits the bucket
+    # stream-file uploads to, and the archive prefixes (one bucket that does not exist,
+    # for the refusal below).
+    manager.extra_env = {
+        **moto_server.env,
+        "STREAMBOSS_OBJECT_ALLOW": f"s3://{buckets['objects']}",
+        "STREAMBOSS_ARCHIVE_ALLOW": f"s3://{buckets['archive']}/streams,"
+                                    "s3://no-such-archive-bucket",
+    }
     return manager.start()
 
 
 def test_stream_file_to_s3_into_a_managed_sha256sum_operation(
-        manager: ManagerProcess, moto_server: MotoServer, broker: Broker, names,
-        tmp_path: Path) -> None:
+        manager: ManagerProcess, moto_server: MotoServer, buckets: dict[str, str],
+        broker: Broker, names, tmp_path: Path) -> None:
     source, sink, operation = names("files"), names("digests"), names("sha")
-    bucket = moto_server.bucket("objects")
+    bucket = buckets["objects"]
     definition = tmp_path / "sha.json"
     definition.write_text(json.dumps({"definition": {"name": operation,
                                                      "exec": "sha256sum"}}))
@@ -50,9 +66,10 @@ def test_stream_file_to_s3_into_a_managed_sha256sum_operation(
 
 
 def test_archive_to_s3_and_replay_a_window_from_it(
-        manager: ManagerProcess, moto_server: MotoServer, broker: Broker, names) -> None:
+        manager: ManagerProcess, moto_server: MotoServer, buckets: dict[str, str],
+        broker: Broker, names) -> None:
     stream, target = names("ticks"), names("ticks-replayed")
-    bucket = moto_server.bucket("archive")
+    bucket = buckets["archive"]
     store = f"s3://{bucket}/streams"
     manager.ok("create-stream", stream)
     manager.ok("create-stream", target)
