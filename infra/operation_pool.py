@@ -157,6 +157,10 @@ class OperationPool(pulumi.ComponentResource):
                 operation=spec.name, input_stream=spec.input, output_stream=spec.output,
                 definition=spec.definition,
                 object_store=f"s3://{values[1]}/{OPERATIONS_PREFIX}",
+                # The agent reads references only where its role may: its input's
+                # uploads and its producers' outputs (and its own, under object_store).
+                object_allow=[f"s3://{values[1]}/{prefix.rstrip('/')}"
+                              for prefix in object_prefixes(spec, args.producers)],
                 broker_url_parameter=values[0], region=values[2]))
         template = secure_launch_template(f"{name}-lt", LaunchTemplateArgs(
             image=args.image, instance_type=spec.instance_type or args.instance_type,

@@ -22,7 +22,7 @@ unchanged operation never gets a new launch template version.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 CONFIG_DIR = "/etc/streamboss"
@@ -35,7 +35,8 @@ TOKEN_PARAMETER_ENV = "STREAMBOSS_TOKEN_PARAMETER"
 
 def agent_user_data(*, operation: str, input_stream: str, output_stream: str,
                     definition: Mapping[str, Any], object_store: str,
-                    broker_url_parameter: str, region: str) -> str:
+                    broker_url_parameter: str, region: str,
+                    object_allow: Sequence[str] = ()) -> str:
     """Cloud-config for one agent of ``operation``.
 
     Parameters:
@@ -46,9 +47,14 @@ def agent_user_data(*, operation: str, input_stream: str, output_stream: str,
         object_store: where large outputs go (``s3://bucket/prefix``).
         broker_url_parameter: the SSM parameter holding the broker URL.
         region: the AWS region, for the SSM and S3 clients.
+        object_allow: more prefixes its object references may point into
+            (``s3://bucket/prefix``), beside ``object_store``.
     """
-    config = {"operation": {"name": operation, "input": input_stream, "output": output_stream},
-              "definition": dict(definition), "object_store": object_store}
+    config: dict[str, Any] = {
+        "operation": {"name": operation, "input": input_stream, "output": output_stream},
+        "definition": dict(definition), "object_store": object_store}
+    if object_allow:
+        config["object_allow"] = list(object_allow)
     env = {BROKER_URL_PARAMETER_ENV: broker_url_parameter, "AWS_REGION": region,
            "AWS_DEFAULT_REGION": region}
     return _cloud_config({"agent.json": _json(config) + "\n", "agent.env": _env(env)},

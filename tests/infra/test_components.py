@@ -522,11 +522,15 @@ def test_the_agent_user_data_is_a_config_the_agent_itself_accepts(stack, tmp_pat
     assert env == {"STREAMBOSS_BROKER_URL_PARAMETER": "/streamboss/t/broker-url",
                    "AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-1"}
     monkeypatch.delenv("STREAMBOSS_OBJECT_STORE", raising=False)
+    monkeypatch.delenv("STREAMBOSS_OBJECT_ALLOW", raising=False)
     agent = build_config(None, None, None, {}, json.loads(files["agent.json"]))
     assert (agent.operation, agent.input, agent.output) == ("resize", "images", "thumbs")
     assert agent.definition.argv == ["convert", "-", "-resize", "50%", "-"]
     assert agent.definition.timeout == 30
     assert agent.object_store == "s3://objects-b/operations"
+    # References are read where the agent's role may read: its input's uploads too.
+    assert agent.object_allow == ("s3://objects-b/operations/resize",
+                                  "s3://objects-b/streams/images")
     assert cloud_config(template)["runcmd"] == [
         ["systemctl", "enable", "--now", "stream-agent.service"]]
 
