@@ -23,10 +23,24 @@ from .config import (
     read_file,
 )
 from .framing import FRAMINGS
-from .process import check_program
+from .isolation import (
+    IsolationError,
+    child_isolation,
+    drop_inherited_privileges,
+    make_non_dumpable,
+)
+from .process import check_program, isolate_children
 
 HELP = """Run one operation: consume INPUT's queue, feed each message to a program,
 publish its output to OUTPUT.
+
+The program gets PATH, HOME, LANG, LANGUAGE, LC_*, TZ and TMPDIR from the
+agent's environment, the definition's env, PYTHONUNBUFFERED=1 and the names in
+STREAMBOSS_PASS_ENV (comma-separated; or the config file's pass_env list),
+never the broker URL, a token or AWS credentials. It cannot read the agent's
+environment or memory (the agent is not dumpable). STREAMBOSS_CHILD_USER (or
+child_user) runs it as that unprivileged user, with that user's group and
+HOME; the agent must then be root or hold CAP_SETUID, CAP_SETGID and CAP_KILL.
 
 The broker URL is read from STREAMBOSS_BROKER_URL or the config file's
 broker_url (default amqp://guest:guest@127.0.0.1:5672/%2F). SIGTERM stops
@@ -88,6 +102,9 @@ def agent_command(config_file: Path | None, operation: str | None, input_stream:
                   concurrency: int | None, prefetch: int | None, drain_timeout: float | None,
                   output_threshold: int | None, max_message_size: int | None,
                   log_level: str) -> None:
+    # First of all: from here on no process of this user (the programs this agent
+    # runs, say) can read this one's environment or memory.
+    make_non_dumpable()
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -114,7 +131,8 @@ def agent_command(config_file: Path | None, operation: str | None, input_stream:
         )
         check_program(config.definition)
         limit = consumer_timeout_limit()
-    except ConfigError as exc:
+        children = child_isolation(file_values)
+    except (ConfigError, IsolationError) as exc:
         raise click.ClickException(str(exc)) from None
     try:
         check_consumer_timeout(config.definition, limit, config.window, config.concurrency)
@@ -123,6 +141,10 @@ def agent_command(config_file: Path | None, operation: str | None, input_stream:
         # queue (RabbitMQ 3.12+, a policy the manager sets) or be configured above it.
         click.echo(f"stream-agent: warning: {exc} (unless the broker's consumer timeout "
                    "for this queue is longer)", err=True)
+
+    isolate_children(children)
+    if children.user is not None:
+        drop_inherited_privileges()
 
     from .worker import Agent
 

@@ -10,7 +10,9 @@ import signal
 import subprocess
 from collections import deque
 
+from . import isolation
 from .config import ConfigError, ProcessDefinition
+from .isolation import ChildIsolation
 
 log = logging.getLogger(__name__)
 
@@ -18,17 +20,29 @@ log = logging.getLogger(__name__)
 # without making the header larger than the message.
 STDERR_TAIL_BYTES = 2048
 
+_children = ChildIsolation()
+
+
+def isolate_children(children: ChildIsolation) -> None:
+    """Set how every program of this agent starts: its pass-through names and user.
+
+    An agent process runs one operation, so this is the process's setting, like
+    its environment: the CLI sets it once, before the runners start programs.
+    """
+    global _children
+    _children = children
+
+
+def children() -> ChildIsolation:
+    """The settings :func:`isolate_children` made (none: the agent's own user)."""
+    return _children
+
 
 def child_env(definition: ProcessDefinition) -> dict[str, str]:
-    """The child's environment: the agent's, the definition's, unbuffered Python."""
-    env = dict(os.environ)
-    # A Python filter that block-buffers stdout would hold its answers back
-    # until its buffer fills; a service child must answer record by record.
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(definition.env)
-    # The broker URL carries a password; the transform has no business with it.
-    env.pop("STREAMBOSS_BROKER_URL", None)
-    return env
+    """The child's environment: an allow-list of the agent's (never its broker URL,
+    token or AWS credentials), the definition's env, unbuffered Python; see
+    :mod:`isolation`."""
+    return isolation.child_env(definition.env, _children)
 
 
 def check_program(definition: ProcessDefinition) -> None:
@@ -46,10 +60,17 @@ def check_program(definition: ProcessDefinition) -> None:
 
 
 def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start a child with three pipes in its own process group (so a timeout kills it all)."""
+    """Start a child with three pipes in its own process group (so a timeout kills it
+    all), as the child user (its uid and group, no supplementary groups) if one is set."""
+    user = _children.user
+    if user is None:
+        return subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env, start_new_session=True,
+        )
     return subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=env, start_new_session=True,
+        env=env, start_new_session=True, user=user.uid, group=user.gid, extra_groups=[],
     )
 
 

@@ -4,23 +4,34 @@
   (the database and its WAL files, agents' definition, pid and log files);
 - a definition's ``env`` values are masked in every API answer and in
   ``streamboss list``, while the agents the manager starts get the real values;
+- a program an agent runs gets an allow-listed environment: none of the agent's
+  credentials (token, AWS keys, broker URL), only the names the operator passes;
+- it cannot read the agent's /proc/<pid>/environ (the agent is not dumpable),
+  and it can run as another, unprivileged user.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import stat
+import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
+from streamboss.agent import isolation
+from streamboss.agent.isolation import ChildIsolation, IsolationError
 from streamboss.manager.dispatch_local import LocalDispatcher
 from streamboss.manager.model import MASKED, Definition, Operation
 from streamboss.manager.store import Store
 
-from .conftest import ManagerProcess, agent_pids, wait_until
+from .conftest import PYTHON, AgentProcess, ManagerProcess, agent_pids, wait_until
 from .module_manager import manager_names, module_manager  # noqa: F401 (fixtures)
+from .requirements import require
 
 SECRET_VALUE = "s3cr3t-xyz-4711"
 
@@ -165,3 +176,264 @@ def test_an_agent_started_by_the_manager_gets_the_real_value(manager: ManagerPro
     wait_until(lambda: agent_pids(op), 30, f"an agent of {op}")
     manager.ok("publish", source, "anything")
     assert [m.body for m in outputs.wait_for(1, timeout=60)] == [f"{SECRET_VALUE}\n".encode()]
+
+
+# -- what a program sees of its agent ---------------------------------------------------
+
+AGENT_SECRETS = {
+    "STREAMBOSS_TOKEN": "manager-token-5b1f",
+    "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY4711",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-9c2e",
+    "AWS_SESSION_TOKEN": "aws-session-77aa",
+    "UNRELATED_SECRET": "unrelated-3d3d",
+}
+# Prints the program's whole environment, NUL-free, one NAME=value per line.
+PRINT_ENV = (f"{PYTHON} -c \"import os,sys; sys.stdout.write(''.join(f'{{k}}={{v}}\\n' "
+             "for k, v in sorted(os.environ.items())))\"")
+
+
+def environment(body: bytes) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in body.decode().splitlines() if "=" in line)
+
+
+def test_the_child_environment_is_an_allow_list() -> None:
+    agent_env = {**AGENT_SECRETS, "STREAMBOSS_BROKER_URL": "amqp://u:brokerpw@h/%2F",
+                 "PATH": "/usr/bin:/bin", "HOME": "/home/agent", "LANG": "C.UTF-8",
+                 "LC_TIME": "de_DE.UTF-8", "TZ": "UTC", "PASSED": "yes", "PYTHONPATH": "/x"}
+    env = isolation.child_env({"SECRET": SECRET_VALUE}, ChildIsolation(("PASSED",)),
+                              agent_env)
+    assert env == {"PATH": "/usr/bin:/bin", "HOME": "/home/agent", "LANG": "C.UTF-8",
+                   "LC_TIME": "de_DE.UTF-8", "TZ": "UTC", "PASSED": "yes",
+                   "PYTHONUNBUFFERED": "1", "SECRET": SECRET_VALUE}
+    # No PATH at all: the system default, so a program is still found.
+    assert isolation.child_env({}, ChildIsolation(), {})["PATH"] == os.defpath
+    user = isolation.ChildUser("worker", 1234, 1234, "/var/empty")
+    as_user = isolation.child_env({}, ChildIsolation(user=user), agent_env)
+    assert (as_user["HOME"], as_user["USER"], as_user["LOGNAME"]) == (
+        "/var/empty", "worker", "worker")
+
+
+@pytest.mark.parametrize("value, refused", [
+    ("STREAMBOSS_TOKEN", "STREAMBOSS_TOKEN holds a credential"),
+    ("A, AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY holds a credential"),
+    (["STREAMBOSS_BROKER_URL"], "STREAMBOSS_BROKER_URL holds a credential"),
+    ("A=B", "'A=B' is not an environment variable name"),
+    (5, "pass_env must be a list"),
+])
+def test_credentials_cannot_be_passed_through(value: object, refused: str) -> None:
+    with pytest.raises(IsolationError) as error:
+        isolation.parse_pass_env(value)
+    assert refused in str(error.value)
+
+
+def test_pass_through_names_from_the_environment_or_the_file() -> None:
+    assert isolation.parse_pass_env(" B,A,,A ") == ("A", "B")
+    assert isolation.parse_pass_env(["X"]) == ("X",)
+    assert isolation.parse_pass_env(None) == ()
+
+
+def test_a_child_gets_its_definitions_env_and_none_of_the_agents_secrets(
+        streams, names, agent, broker, broker_url: str, tmp_path: Path) -> None:
+    source, sink = streams("in", "out")
+    definition = tmp_path / "definition.json"
+    definition.write_text(json.dumps({"exec": PRINT_ENV, "env": {"SECRET": SECRET_VALUE}}))
+    capture = broker.capture(sink)
+    agent(names("op"), source, sink, "--definition", str(definition), env={
+        **AGENT_SECRETS, "STREAMBOSS_PASS_ENV": "PASSED_THROUGH",
+        "PASSED_THROUGH": "passed-value", "NOT_PASSED": "not-passed-value"})
+    broker.publish(source, [b"x"])
+    [output] = capture.collect(1)
+    seen = environment(output.body)
+    assert seen["SECRET"] == SECRET_VALUE
+    assert seen["PASSED_THROUGH"] == "passed-value"
+    assert seen["PYTHONUNBUFFERED"] == "1"
+    assert "NOT_PASSED" not in seen
+    text = output.body.decode()
+    password = urlsplit(broker_url).password
+    for name, value in AGENT_SECRETS.items():
+        assert name not in seen and value not in text, name
+    assert "STREAMBOSS_BROKER_URL" not in seen and broker_url not in text
+    assert not any(k.startswith(("STREAMBOSS_", "AWS_")) for k in seen), sorted(seen)
+    if password:
+        assert f":{password}@" not in text
+
+
+def test_a_service_child_gets_the_allow_list_too(streams, names, agent, broker,
+                                                 tmp_path: Path, script) -> None:
+    source, sink = streams("in", "out")
+    command = script("names", """
+        import os, sys
+        for line in sys.stdin:
+            sys.stdout.write(",".join(sorted(os.environ)) + "\\n")
+    """)
+    capture = broker.capture(sink)
+    agent(names("op"), source, sink, "--mode", "service", "--exec", command,
+          env=AGENT_SECRETS)
+    broker.publish(source, [b"x"])
+    [output] = capture.collect(1)
+    seen = set(output.body.decode().strip().split(","))
+    assert not seen & {*AGENT_SECRETS, "STREAMBOSS_BROKER_URL"}, seen
+    assert "PATH" in seen
+
+
+def test_a_pass_through_credential_is_refused_at_start(streams, names, agent) -> None:
+    source, sink = streams("in", "out")
+    process = agent(names("op"), source, sink, "--exec", "cat", ready=False,
+                    env={"STREAMBOSS_PASS_ENV": "HOME,AWS_SECRET_ACCESS_KEY"})
+    assert process.proc.wait(timeout=30) == 2
+    lines = process.log().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "AWS_SECRET_ACCESS_KEY holds a credential" in lines[0]
+
+
+# -- the agent's memory and environ, other users ----------------------------------------
+
+# Run with --shell, so $PPID is the agent: tries to read the agent's environ and
+# prints EACCES or READ, and the program's uid. Shell tools only: a program running
+# as another user may not reach this checkout's Python.
+READ_AGENT_ENVIRON = ("if cat /proc/$PPID/environ 2>&1 >/dev/null | grep -q 'Permission denied'; "
+                      "then echo EACCES $(id -u); else echo READ $(id -u); fi")
+# Prints the program's uid, gid, supplementary groups (comma-separated), HOME and
+# its effective, permitted and ambient capabilities and no_new_privs flag.
+WHO_AM_I = ("echo \"$(id -u) $(id -g) [$(grep '^Groups:' /proc/self/status | cut -f2 | "
+            "tr -d ' ')] $HOME $(grep -E '^(CapEff|CapPrm|CapAmb|NoNewPrivs):' "
+            "/proc/self/status | cut -f2 | tr '\\n' ' ')\"")
+NOBODY = "nobody"
+
+
+def setpriv_as(user: str) -> list[str]:
+    """The command prefix that runs a program as ``user`` (its group, no others)."""
+    entry = pwd.getpwnam(user)
+    return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
+
+
+def need_setpriv() -> None:
+    require(os.geteuid() == 0, "needs root (to start the agent as another user)")
+    require(shutil.which("setpriv"), "needs setpriv (apt-get install util-linux)")
+    require(_user_exists(NOBODY), "needs the user nobody")
+    runs = subprocess.run([*setpriv_as(NOBODY), PYTHON, "-c", "import streamboss.agent"],
+                          capture_output=True, cwd="/", timeout=60)
+    require(runs.returncode == 0, f"needs {PYTHON} and this checkout readable by nobody "
+            f"({runs.stderr.decode(errors='replace').strip()[-200:]})")
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.fixture
+def agent_as(broker, broker_url: str, tmp_path: Path):
+    """``agent_as(prefix, op, input, output, *options, env=...)``: an agent whose command
+    line starts with ``prefix`` (e.g. setpriv), run from / so any user may."""
+    started: list[AgentProcess] = []
+
+    def start(prefix: list[str], operation: str, source: str, sink: str, *options: str,
+              env: dict[str, str] | None = None, ready: bool = True) -> AgentProcess:
+        broker.forget_operation(operation)
+        argv = [*prefix, PYTHON, "-m", "streamboss.agent", "--operation", operation,
+                "--input", source, "--output", sink, *options]
+        process_env = {**os.environ, "STREAMBOSS_BROKER_URL": broker_url, **(env or {})}
+        process = AgentProcess(argv, process_env, tmp_path / f"agent-{len(started)}.log",
+                               Path("/"))
+        started.append(process)
+        if ready:
+            process.wait_ready()
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.cleanup()
+
+
+def test_a_child_of_the_same_user_cannot_read_the_agents_environ(
+        streams, names, agent_as, broker) -> None:
+    need_setpriv()
+    source, sink = streams("in", "out")
+    capture = broker.capture(sink)
+    process = agent_as(setpriv_as(NOBODY), names("op"), source, sink, "--shell", "--exec",
+                       READ_AGENT_ENVIRON)
+    broker.publish(source, [b"x"])
+    [output] = capture.collect(1)
+    # Same uid as the agent: only the agent being non-dumpable keeps it out ...
+    assert output.body.decode().split() == ["EACCES", str(pwd.getpwnam(NOBODY).pw_uid)]
+    # ... which is why the kernel gave its /proc files to root.
+    assert Path(f"/proc/{process.pid}/environ").stat().st_uid == 0
+
+
+def test_children_run_as_the_child_user(streams, names, agent, broker) -> None:
+    require(os.geteuid() == 0, "needs root (to start programs as another user)")
+    require(_user_exists(NOBODY), "needs the user nobody")
+    entry = pwd.getpwnam(NOBODY)
+    source, sink = streams("in", "out")
+    capture = broker.capture(sink)
+    agent(names("op"), source, sink, "--shell", "--exec", WHO_AM_I,
+          env={"STREAMBOSS_CHILD_USER": NOBODY})
+    broker.publish(source, [b"x"])
+    [output] = capture.collect(1)
+    uid, gid, groups, home, effective, permitted, ambient, _ = output.body.decode().split()
+    assert (int(uid), int(gid), groups, home) == (entry.pw_uid, entry.pw_gid, "[]",
+                                                  entry.pw_dir)
+    assert (int(effective, 16), int(permitted, 16), int(ambient, 16)) == (0, 0, 0)
+
+
+def test_a_child_user_cannot_read_the_agents_environ(streams, names, agent, broker) -> None:
+    require(os.geteuid() == 0, "needs root (to start programs as another user)")
+    require(_user_exists(NOBODY), "needs the user nobody")
+    source, sink = streams("in", "out")
+    capture = broker.capture(sink)
+    agent(names("op"), source, sink, "--shell", "--exec", READ_AGENT_ENVIRON,
+          env={"STREAMBOSS_CHILD_USER": NOBODY})
+    broker.publish(source, [b"x"])
+    [output] = capture.collect(1)
+    assert output.body.decode().split()[0] == "EACCES"
+
+
+def test_an_agent_with_capabilities_but_not_root_runs_children_as_the_child_user(
+        streams, names, agent_as, broker) -> None:
+    """The stream_agent role's way: the agent's own user plus CAP_SETUID, CAP_SETGID and
+    CAP_KILL as ambient capabilities (systemd AmbientCapabilities=); its children keep
+    none of them."""
+    need_setpriv()
+    require(_user_exists("daemon"), "needs the user daemon")
+    child = pwd.getpwnam(NOBODY)
+    caps = "+setuid,+setgid,+kill"
+    prefix = [*setpriv_as("daemon"), f"--inh-caps={caps}",
+              f"--ambient-caps={caps}"]
+    source, sink = streams("in", "out")
+    capture = broker.capture(sink)
+    agent_as(prefix, names("op"), source, sink, "--shell", "--exec", WHO_AM_I,
+             env={"STREAMBOSS_CHILD_USER": NOBODY})
+    broker.publish(source, [b"x"])
+    [output] = capture.collect(1)
+    uid, _, groups, _, effective, permitted, ambient, no_new_privs = \
+        output.body.decode().split()
+    assert (int(uid), groups) == (child.pw_uid, "[]")
+    assert (int(effective, 16), int(permitted, 16), int(ambient, 16)) == (0, 0, 0)
+    assert no_new_privs == "1"
+
+
+@pytest.mark.parametrize("user, env_prefix, refused", [
+    ("no-such-user-4711", [], "no such user: create it"),
+    ("root", [], "is root: name an unprivileged user"),
+    ("daemon", "nobody", "cannot start programs as another user"),
+])
+def test_a_child_user_the_agent_cannot_use_is_refused_at_start(
+        streams, names, agent_as, user: str, env_prefix: object, refused: str) -> None:
+    if env_prefix == "nobody":
+        need_setpriv()
+        prefix = setpriv_as(NOBODY)
+    else:
+        prefix = []
+    source, sink = streams("in", "out")
+    process = agent_as(prefix, names("op"), source, sink, "--exec", "cat", ready=False,
+                       env={"STREAMBOSS_CHILD_USER": user})
+    assert process.proc.wait(timeout=30) == 2
+    lines = process.log().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"STREAMBOSS_CHILD_USER {user!r}" in lines[0] and refused in lines[0], lines[0]
