@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 FEED_CHUNK = 1024 * 1024
 # How often a feeder waiting for room in a child's pipe looks whether the child is gone.
 STOP_POLL_MS = 100
+# How long a message waits, once its child is gone, for a feeder stuck in a store read.
+FEEDER_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,13 @@ def run_once(argv: list[str], env: dict[str, str], body: bytes | ObjectFeed,
         if feeder is not None:
             assert isinstance(body, ObjectFeed)
             body.stop.set()  # the child has exited: nothing more goes in
-            feeder.join()
+            feeder.join(FEEDER_GRACE)
+            if feeder.is_alive():
+                # Stuck in a read from the store (a file never blocks: regular files
+                # only; an S3 read ends at botocore's read timeout). The message does
+                # not wait for it: the read's thread closes the object when it returns.
+                body.error = (f"{body.url}: the object store did not answer within "
+                              f"{FEEDER_GRACE:g}s after the program ended")
         live.discard(child)
         timed_out = timeout is not None and watchdog.done(child)
     if isinstance(body, ObjectFeed) and body.refused:

@@ -204,7 +204,9 @@ def peak_rss(url: str, admin: Admin, endpoint: str | None, log_dir: Path, size: 
     capture = f"bench-rss-{run}-capture"
     ch.queue_declare(capture, durable=True)
     ch.queue_bind(capture, f"sb.stream.{sink}", routing_key="#")
-    env = {**os.environ, **AWS_ENV, "STREAMBOSS_BROKER_URL": url}
+    # The agent reads references only inside its object store: the one uploaded to.
+    env = {**os.environ, **AWS_ENV, "STREAMBOSS_BROKER_URL": url,
+           "STREAMBOSS_OBJECT_STORE": store}
     if endpoint:
         env["STREAMBOSS_S3_ENDPOINT_URL"] = endpoint
     path = log_dir / "rss.bin"
