@@ -50,10 +50,11 @@ Object references (messages with sb-object-url) are read only inside the
 object store (STREAMBOSS_OBJECT_STORE or the config file's object_store) and
 the URL prefixes of STREAMBOSS_OBJECT_ALLOW (comma-separated, e.g.
 s3://media/in,file:///srv/shared; or the config file's object_allow list):
-under the directory with no symbolic link followed and regular files only, or
-in the bucket under the prefix. A reference must declare its size and sha256;
-it is read no further than its size. Anything else is dead-lettered with the
-rule that refused it. With no store configured, every reference is refused.
+under the directory with no symbolic link followed and only regular files
+with a single link, or in the bucket under the prefix. A reference must
+declare its size and sha256; it is read no further than its size. Anything
+else is dead-lettered with the rule that refused it. With no store
+configured, every reference is refused.
 """
 
 

@@ -10,8 +10,9 @@ store (``STREAMBOSS_OBJECT_STORE``) plus the prefixes of ``STREAMBOSS_OBJECT_ALL
   below that directory every component is opened relative to its parent without
   following symbolic links (``O_NOFOLLOW`` from a directory descriptor, so a
   link swapped in between a check and the open is refused too), and only a
-  regular file is read (a FIFO is opened non-blocking, so the open itself never
-  waits, then refused like a device).
+  regular file with a single link is read (a FIFO is opened non-blocking, so the
+  open itself never waits, then refused like a device; a hard link would bring a
+  file from elsewhere into the store).
 - ``s3://``: only a configured bucket, and within it only keys under the
   configured prefix (``s3://media/in`` admits ``in/...``, not ``inbox/...``).
 - Reads stop at the size the reference declares: an object larger or smaller
@@ -41,6 +42,10 @@ from .headers import ObjectReference
 OUTSIDE = "object reference outside the configured stores"
 SYMLINK = "object reference through a symbolic link"
 NOT_REGULAR = "object reference to something that is not a regular file"
+# A hard link makes a file from outside the store appear inside it (without
+# protected_hardlinks, even one its owner never shared): objects are written once,
+# by rename, so a stored object has one link.
+HARDLINK = "object reference to a file with more than one hard link"
 LARGER = "object larger than its declared size"
 SMALLER = "object smaller than its declared size"
 NO_SIZE = "object reference without a declared size (sb-object-size)"
@@ -211,6 +216,17 @@ def _refused_component(dir_fd: int, name: str, url: str, exc: OSError) -> Except
     return objects.ObjectStoreError(f"{url}: cannot read: {exc.strerror or exc}", url)
 
 
+def _check_file(url: str, found: os.stat_result) -> None:
+    """Refuse anything but a regular file with a single link."""
+    if stat.S_ISLNK(found.st_mode):
+        raise ReferenceRefused(f"{url}: {SYMLINK}")
+    if not stat.S_ISREG(found.st_mode):
+        # Checked before the open too: opening a device can have effects of its own.
+        raise ReferenceRefused(f"{url}: {NOT_REGULAR}")
+    if found.st_nlink != 1:
+        raise ReferenceRefused(f"{url}: {HARDLINK}")
+
+
 def _open_file(url: str, prefix: StorePrefix, parts: list[str]) -> tuple[BinaryIO, int]:
     """Open a regular file below ``prefix``'s directory without following any link."""
     try:
@@ -233,14 +249,10 @@ def _open_file(url: str, prefix: StorePrefix, parts: list[str]) -> tuple[BinaryI
             fd = inner
         name = parts[-1]
         try:
-            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+            found = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except OSError as exc:
             raise _refused_component(fd, name, url, exc) from None
-        if stat.S_ISLNK(mode):
-            raise ReferenceRefused(f"{url}: {SYMLINK}")
-        if not stat.S_ISREG(mode):
-            # Refused before it is opened: opening a device can have effects of its own.
-            raise ReferenceRefused(f"{url}: {NOT_REGULAR}")
+        _check_file(url, found)
         try:
             # Non-blocking: if a FIFO was swapped in since the check, opening it does
             # not wait for a writer; the fstat below then refuses it.
@@ -252,8 +264,7 @@ def _open_file(url: str, prefix: StorePrefix, parts: list[str]) -> tuple[BinaryI
         os.close(fd)
     try:
         opened = os.fstat(file_fd)
-        if not stat.S_ISREG(opened.st_mode):
-            raise ReferenceRefused(f"{url}: {NOT_REGULAR}")
+        _check_file(url, opened)
         os.set_blocking(file_fd, True)
         return os.fdopen(file_fd, "rb", buffering=0), opened.st_size
     except BaseException:

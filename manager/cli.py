@@ -481,7 +481,9 @@ def stream_file(stream: str, file: Path, store: str | None) -> None:
 @click.argument("stream")
 @click.option("--store", metavar="URL",
               help="Archive prefix: file:///DIR or s3://BUCKET[/PREFIX] (default: the "
-                   "manager's, file://<state>/archive or STREAMBOSS_ARCHIVE_STORE).")
+                   "manager's, file://<state>/archive or STREAMBOSS_ARCHIVE_STORE). It must "
+                   "lie under the manager's archive store or a prefix of its "
+                   "STREAMBOSS_ARCHIVE_ALLOW (comma-separated).")
 @click.option("--segment-mb", type=click.FloatRange(min=0.004),
               help="Roll a segment at this many MiB of messages [64].")
 @click.option("--segment-seconds", type=click.FloatRange(min=0.001),

@@ -3,8 +3,8 @@
 Anyone who may publish may name any URL in a message's object reference. Real
 agents on the real broker are sent references to files outside their store
 (/etc/passwd, their own /proc/self/environ), through symbolic links, through
-`..`, to /dev/zero, a FIFO, an object larger than it says, and buckets they were
-not given. Each is dead-lettered once, naming the rule, and nothing of the target
+`..`, a hard link, to /dev/zero, a FIFO, an object larger than it says, and
+buckets they were not given. Each is dead-lettered once, naming the rule, and nothing of the target
 (markers planted in it, its digest, its size) reaches an output, a dead letter or
 the agent's log. A control reference inside the store shows that the same
 programs would have carried a target's content to each of those places.
@@ -82,6 +82,7 @@ def test_references_outside_the_stores_are_dead_lettered_and_nothing_of_them_lea
     (store / "to-secret").symlink_to(outside / "secret.txt")
     (store / "to-environ").symlink_to("/proc/self/environ")
     (store / "linkdir").symlink_to(outside, target_is_directory=True)
+    os.link(outside / "secret.txt", store / "hardlink")
     os.mkfifo(store / "fifo")
     client = moto_server.client()
     foreign, allowed = moto_server.bucket("foreign"), moto_server.bucket("allowed")
@@ -106,6 +107,8 @@ def test_references_outside_the_stores_are_dead_lettered_and_nothing_of_them_lea
          object_refs.SYMLINK),
         ("symlinked-dir", reference(f"{stored}/linkdir/secret.txt", sha(secret),
                                     len(secret)), object_refs.SYMLINK),
+        ("hardlink", reference(f"{stored}/hardlink", sha(secret), len(secret)),
+         object_refs.HARDLINK),
         # /dev is admitted (STREAMBOSS_OBJECT_ALLOW below), so the file-type rule refuses.
         ("dev-zero", reference("file:///dev/zero", FAKE_SHA, 1 << 30),
          object_refs.NOT_REGULAR),
