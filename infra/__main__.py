@@ -108,7 +108,7 @@ def build(config: pulumi.Config) -> Program:
             broker_secret_parameter_name=broker.secret_parameter_name,
             broker_secret_parameter_arn=broker.secret_parameter_arn,
             objects_bucket=storage.objects.bucket, objects_bucket_arn=storage.objects.arn,
-            region=region, tags=tags))
+            region=region, tags=tags, operations_env=settings.operations_env))
 
     pulumi.export("brokerEndpoint", broker.endpoint)
     pulumi.export("brokerManagementUrl", broker.console_url)

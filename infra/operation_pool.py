@@ -42,7 +42,7 @@ import pulumi_aws as aws
 from . import metrics
 from .iam import instance_profile, policy_document, statement
 from .launch import LaunchTemplateArgs, latest, secure_launch_template
-from .operations import OperationSpec
+from .operations import OperationSpec, operation_env
 from .storage import OPERATIONS_PREFIX, STREAMS_PREFIX
 from .user_data import agent_user_data
 
@@ -114,6 +114,8 @@ class OperationPoolArgs:
         objects_bucket / objects_bucket_arn: the claim-check objects bucket.
         region: the AWS region.
         tags: tags for every resource.
+        operations_env: the secret ``operationsEnv`` (every operation's env values);
+            None: the definitions' own.
     """
 
     operation: OperationSpec
@@ -129,6 +131,7 @@ class OperationPoolArgs:
     objects_bucket_arn: pulumi.Input[str]
     region: pulumi.Input[str]
     tags: dict[str, str] = field(default_factory=dict)
+    operations_env: pulumi.Input[Any] | None = None
 
 
 class OperationPool(pulumi.ComponentResource):
@@ -151,17 +154,21 @@ class OperationPool(pulumi.ComponentResource):
         policy = pulumi.Output.all(args.broker_secret_parameter_arn, args.objects_bucket_arn).apply(
             lambda arns: agent_policy(spec, args.producers, arns[0], arns[1]))
         profile = instance_profile(name, policy, tags, self)
-        user_data = pulumi.Output.all(args.broker_secret_parameter_name, args.objects_bucket,
-                                      args.region).apply(
+        # The user data holds the definition's env values: a secret, so Pulumi keeps
+        # it encrypted in the state and never prints it (the env arrives as one; a
+        # hand-written env in plain `operations` is made one here).
+        user_data = pulumi.Output.secret(pulumi.Output.all(
+            args.broker_secret_parameter_name, args.objects_bucket, args.region,
+            args.operations_env).apply(
             lambda values: agent_user_data(
                 operation=spec.name, input_stream=spec.input, output_stream=spec.output,
-                definition=spec.definition,
+                definition=with_env(spec, values[3]),
                 object_store=f"s3://{values[1]}/{OPERATIONS_PREFIX}",
                 # The agent reads references only where its role may: its input's
                 # uploads and its producers' outputs (and its own, under object_store).
                 object_allow=[f"s3://{values[1]}/{prefix.rstrip('/')}"
                               for prefix in object_prefixes(spec, args.producers)],
-                broker_url_parameter=values[0], region=values[2]))
+                broker_url_parameter=values[0], region=values[2])))
         template = secure_launch_template(f"{name}-lt", LaunchTemplateArgs(
             image=args.image, instance_type=spec.instance_type or args.instance_type,
             instance_profile_arn=profile.arn, security_group_ids=[args.security_group_id],
@@ -244,6 +251,15 @@ class OperationPool(pulumi.ComponentResource):
             comparison_operator="LessThanThreshold", threshold=1,
             evaluation_periods=idle_periods, datapoints_to_alarm=idle_periods,
             treat_missing_data="notBreaching", alarm_actions=[idle.arn], opts=child)
+
+
+def with_env(spec: OperationSpec, operations_env: Any) -> dict[str, Any]:
+    """``spec``'s definition with its real env values (see :func:`operation_env`)."""
+    definition = {key: value for key, value in spec.definition.items() if key != "env"}
+    env = operation_env(spec, operations_env)
+    if env:
+        definition["env"] = env
+    return definition
 
 
 def _tracked(metric: str, stat: str, dims: dict[str, str]) -> dict[str, Any]:

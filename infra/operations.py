@@ -32,6 +32,10 @@ REQUIRED_FIELDS = ("name", "input", "output", "definition", "min", "max",
                    "idle_seconds")
 OPTIONAL_FIELDS = ("image", "instance_type")
 
+# How the manager writes an env value in ``operations`` (manager/model.py MASKED):
+# the value itself is in the secret ``operationsEnv``.
+MASKED = "<secret>"
+
 
 class OperationConfigError(ValueError):
     """A bad ``operations`` value; the message is one line naming the operation and field."""
@@ -185,3 +189,42 @@ def _optional_text(label: str, key: str, value: Any) -> str | None:
     if not isinstance(value, str) or not value.strip():
         raise OperationConfigError(f"{label}: {key!r} must be a non-empty string, got {value!r}")
     return value
+
+
+def operation_env(spec: OperationSpec, secret_env: Any) -> dict[str, Any]:
+    """``spec``'s env: its definition's names, each value from ``operationsEnv``.
+
+    Parameters:
+        spec: the operation.
+        secret_env: the secret ``operationsEnv`` value, ``{operation: {name: value}}``
+            (None: no operation has env values there).
+
+    Returns:
+        the values by name; a value written in ``operations`` itself (by hand,
+        not masked) is kept unless ``operationsEnv`` has one.
+
+    Raises:
+        OperationConfigError: a malformed value, or a masked name without a value.
+            The message names operations and names, never a value.
+    """
+    label = f"operation {spec.name!r}"
+    plain = spec.definition.get("env") or {}
+    if not isinstance(plain, dict):
+        raise OperationConfigError(f"{label}: definition 'env' must map names to values")
+    if secret_env is None:
+        secret_env = {}
+    if not isinstance(secret_env, dict):
+        raise OperationConfigError("operationsEnv must map operation names to their env")
+    secret = secret_env.get(spec.name) or {}
+    if not isinstance(secret, dict) or not all(
+            isinstance(k, str) and isinstance(v, str | int | float | bool)
+            for k, v in secret.items()):
+        raise OperationConfigError(f"operationsEnv.{spec.name} must map names to values")
+    missing = sorted(name for name, value in plain.items()
+                     if value == MASKED and name not in secret)
+    if missing:
+        raise OperationConfigError(
+            f"{label}: env {', '.join(missing)} has no value in operationsEnv: let the "
+            "manager write the stack config, or `pulumi config set --secret "
+            "streamboss:operationsEnv` with its value")
+    return {**{name: value for name, value in plain.items() if value != MASKED}, **secret}

@@ -19,6 +19,8 @@ from .operations import OperationSpec, parse_operations
 # The structured config key the manager's AWS dispatcher writes
 # (manager/stack_config.py CONFIG_KEY without the namespace).
 OPERATIONS_KEY = "operations"
+# The secret config key with the operations' env values (stack_config.ENV_KEY).
+OPERATIONS_ENV_KEY = "operationsEnv"
 # Every key :func:`load` reads; Pulumi.dev.yaml documents each one.
 KEYS = (
     "vpcCidr", "availabilityZones", "vpcId", "subnetIds",
@@ -28,7 +30,7 @@ KEYS = (
     "objectsExpirationDays",
     "amiOwners", "managerAmi", "agentAmi", "rootVolumeGb",
     "managerInstanceType", "managerApiCidrs", "managerStateVolumeGb", "managerToken",
-    "agentInstanceType", OPERATIONS_KEY,
+    "agentInstanceType", OPERATIONS_KEY, OPERATIONS_ENV_KEY,
 )
 
 # Far more addresses than agents will ever need, and clear of the 172.17/16
@@ -92,6 +94,8 @@ class Settings:
     agent_instance_type: str
     root_volume_gb: int | None
     operations: tuple[OperationSpec, ...]
+    # {operation: {name: value}}, a secret: it never shows in plain text.
+    operations_env: pulumi.Output[Any]
 
 
 def load(config: pulumi.Config) -> Settings:
@@ -152,6 +156,7 @@ def load(config: pulumi.Config) -> Settings:
         agent_instance_type=config.get("agentInstanceType") or DEFAULT_AGENT_INSTANCE_TYPE,
         root_volume_gb=_optional_int(config, "rootVolumeGb", minimum=1),
         operations=tuple(parse_operations(config.get_object(OPERATIONS_KEY))),
+        operations_env=config.get_secret_object(OPERATIONS_ENV_KEY) or pulumi.Output.secret({}),
     )
 
 

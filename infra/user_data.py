@@ -1,9 +1,13 @@
 """User data for the nodes: cloud-config that writes the node's settings and starts its service.
 
 The images (appliance/, provisioned by the ansible roles) carry the programs and
-systemd units; user data only says *what* this node runs. It never holds a
-secret: the broker URL and the manager's API token are named by their SSM
-parameter, and the unit reads them at start with the node's own role.
+systemd units; user data only says *what* this node runs. The broker URL and
+the manager's API token are named by their SSM parameter, and the unit reads
+them at start with the node's own role; the one secret user data holds is an
+operation's env values (the Pulumi program passes it as a secret). Every file
+is 0600: the environment files root's (systemd reads them as PID 1),
+``agent.json`` the agent's user's (the agent reads it; its programs, running
+as the child user, cannot).
 
 The contract with the images' units:
 
@@ -26,6 +30,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 CONFIG_DIR = "/etc/streamboss"
+# The user the stream-agent unit runs as (ansible/roles/stream_agent, stream_agent_user).
+AGENT_OWNER = "streamboss:streamboss"
+ROOT_OWNER = "root:root"
+FILE_MODE = "0600"
 AGENT_SERVICE = "stream-agent.service"
 MANAGER_SERVICE = "stream-manager.service"
 # The environment names the units read (systemd EnvironmentFile=).
@@ -57,8 +65,8 @@ def agent_user_data(*, operation: str, input_stream: str, output_stream: str,
         config["object_allow"] = list(object_allow)
     env = {BROKER_URL_PARAMETER_ENV: broker_url_parameter, "AWS_REGION": region,
            "AWS_DEFAULT_REGION": region}
-    return _cloud_config({"agent.json": _json(config) + "\n", "agent.env": _env(env)},
-                         AGENT_SERVICE)
+    return _cloud_config({"agent.json": (_json(config) + "\n", AGENT_OWNER),
+                          "agent.env": (_env(env), ROOT_OWNER)}, AGENT_SERVICE)
 
 
 def manager_user_data(*, broker_url_parameter: str, token_parameter: str, management_url: str,
@@ -87,15 +95,15 @@ def manager_user_data(*, broker_url_parameter: str, token_parameter: str, manage
         "AWS_REGION": region,
         "AWS_DEFAULT_REGION": region,
     }
-    return _cloud_config({"manager.env": _env(env)}, MANAGER_SERVICE)
+    return _cloud_config({"manager.env": (_env(env), ROOT_OWNER)}, MANAGER_SERVICE)
 
 
-def _cloud_config(files: Mapping[str, str], service: str) -> str:
+def _cloud_config(files: Mapping[str, tuple[str, str]], service: str) -> str:
     # JSON is YAML, so cloud-init reads it; json.dumps quotes every string safely.
     document = {
         "write_files": [{"path": f"{CONFIG_DIR}/{name}", "content": content,
-                         "owner": "root:root", "permissions": "0644"}
-                        for name, content in sorted(files.items())],
+                         "owner": owner, "permissions": FILE_MODE}
+                        for name, (content, owner) in sorted(files.items())],
         "runcmd": [["systemctl", "enable", "--now", service]],
     }
     return "#cloud-config\n" + _json(document) + "\n"

@@ -32,7 +32,7 @@ from .cloud_metrics import MetricsPublisher, Sample
 from .dispatch_local import ARCHIVER_PREFIX, LocalDispatcher
 from .model import Archive, Definition, Operation
 from .pulumi_stack import PulumiUnavailable, StackError
-from .stack_config import StackConfigError, operations_config, render
+from .stack_config import StackConfig, StackConfigError, stack_config
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class StackDriver(Protocol):
 
     name: str
 
-    def apply(self, config_text: str,
+    def apply(self, config: StackConfig,
               on_phase: Callable[[str], None] | None = None) -> dict[str, Any]: ...
 
 
@@ -92,7 +92,7 @@ class StackUpdater:
     runs on the updater's thread (:meth:`start`) or, in tests, in :meth:`run_due`.
 
     Parameters:
-        driver: applies a config text (preview, then update).
+        driver: applies a stack config (preview, then update).
         debounce: seconds without a further change before applying.
         retry: first retry delay after a failure (doubles up to ``retry_max``).
         clock: monotonic seconds.
@@ -107,10 +107,10 @@ class StackUpdater:
         self.retry_max = retry_max
         self.clock = clock
         self._cond = threading.Condition()
-        self._wanted: str | None = None
+        self._wanted: StackConfig | None = None
         self._changed_at = float("-inf")
-        self._applied: str | None = None
-        self._failed: str | None = None
+        self._applied: StackConfig | None = None
+        self._failed: StackConfig | None = None
         self._retry_at = float("-inf")
         self._retry_delay = retry
         self._phase: str | None = None
@@ -122,11 +122,11 @@ class StackUpdater:
 
     # -- the reconciler's side ---------------------------------------------------------
 
-    def offer(self, config_text: str) -> None:
+    def offer(self, config: StackConfig) -> None:
         """The config the declarations call for now; a change restarts the debounce."""
         with self._cond:
-            if config_text != self._wanted:
-                self._wanted = config_text
+            if config != self._wanted:
+                self._wanted = config
                 self._changed_at = self.clock()
                 self._cond.notify_all()
 
@@ -157,8 +157,9 @@ class StackUpdater:
                 else max(0.0, round(due - now, 1)),
                 "last_result": dict(self._last_result) if self._last_result else None,
                 "last_error": self._last_error,
-                "applied_config_sha256": sha256(self._applied) if self._applied else None,
-                "wanted_config_sha256": sha256(self._wanted) if self._wanted else None,
+                # Digests of streamboss:operations only: never of the secret env values.
+                "applied_config_sha256": self._applied.digest if self._applied else None,
+                "wanted_config_sha256": self._wanted.digest if self._wanted else None,
             }
 
     # -- the updater's side ------------------------------------------------------------
@@ -182,49 +183,49 @@ class StackUpdater:
             due = self._due_at()
             if due is None or self.clock() < due or self._phase is not None:
                 return False
-            text = self._wanted
-            assert text is not None
+            config = self._wanted
+            assert config is not None
             self._phase = PREVIEWING
-        self._apply(text)
+        self._apply(config)
         return True
 
-    def _apply(self, text: str) -> None:
+    def _apply(self, config: StackConfig) -> None:
         started = _utc_now()
         self.applies += 1
         log.info("stack %s: applying the declarations (config sha256 %s)", self.driver.name,
-                 sha256(text)[:12])
+                 config.digest[:12])
         try:
-            summary = self.driver.apply(text, self._set_phase)
+            summary = self.driver.apply(config, self._set_phase)
         except StackError as exc:
-            self._finish(text, started, "failed", {**exc.summary, "failed_in": exc.phase},
+            self._finish(config, started, "failed", {**exc.summary, "failed_in": exc.phase},
                          str(exc))
         except PulumiUnavailable as exc:
-            self._finish(text, started, "failed", {}, str(exc))
+            self._finish(config, started, "failed", {}, str(exc))
         except Exception as exc:  # the updater thread must survive anything the API raises
-            self._finish(text, started, "failed", {}, f"{type(exc).__name__}: {exc}")
+            self._finish(config, started, "failed", {}, f"{type(exc).__name__}: {exc}")
         else:
-            self._finish(text, started, "succeeded", summary, None)
+            self._finish(config, started, "succeeded", summary, None)
 
     def _set_phase(self, phase: str) -> None:
         with self._cond:
             self._phase = phase
 
-    def _finish(self, text: str, started: str, outcome: str, summary: dict[str, Any],
-                error: str | None) -> None:
+    def _finish(self, config: StackConfig, started: str, outcome: str,
+                summary: dict[str, Any], error: str | None) -> None:
         with self._cond:
             self._phase = None
             self._last_result = {"started_at": started, "finished_at": _utc_now(),
                                  "outcome": outcome, "summary": summary,
-                                 "config_sha256": sha256(text)}
+                                 "config_sha256": config.digest}
             if error is None:
-                self._applied = text
+                self._applied = config
                 self._failed = None
                 self._last_error = None
                 self._retry_delay = self.retry
                 log.info("stack %s: updated (%s)", self.driver.name, summary.get("update"))
             else:
                 error = error.splitlines()[0] if error else "failed"
-                self._failed = text
+                self._failed = config
                 self._last_error = error
                 self._retry_at = self.clock() + self._retry_delay
                 log.error("stack %s: %s; retrying in %.0fs", self.driver.name, error,
@@ -444,11 +445,11 @@ class AwsDispatcher:
         """
         try:
             definitions = {d.id: d for d in self.store.definitions()}
-            text = render(operations_config(self.store.operations(), definitions))
+            config = stack_config(self.store.operations(), definitions)
         except StackConfigError as exc:
             self.updater.fail(str(exc))
         else:
-            self.updater.offer(text)
+            self.updater.offer(config)
         known = self.groups.known
         samples = {name: Sample(name, s.backlog, s.wanted, s.running if known else None)
                    for name, s in statuses.items()}

@@ -12,19 +12,26 @@ config value, not YAML structure): ``pulumi config set KEY TEXT`` stores it
 verbatim, and the program reads it with ``pulumi.Config.get_object``, which
 parses JSON text and structured YAML alike (``infra/settings.py``). The text is
 what the dispatcher compares and hashes, so what was applied is exactly known.
+
+The operations' env values go to ``streamboss:operationsEnv`` as a Pulumi
+secret (encrypted in the stack's config and state). Not through the Automation
+API's ``set_config``: it passes the value as an argument of the CLI, which every
+user of the machine can read in ``/proc/<pid>/cmdline``; the value goes to
+``pulumi config set --secret`` on its stdin instead (:func:`write_secret_config`).
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .stack_config import CONFIG_KEY
+from .stack_config import CONFIG_KEY, ENV_CONFIG_KEY, StackConfig
 
 # The Pulumi CLI's name on PATH; the Automation API runs it as a subprocess.
 CLI = "pulumi"
@@ -41,6 +48,8 @@ PROJECT_FILE = "Pulumi.yaml"
 UPDATE_MESSAGE = "streamboss manager: declarations changed"
 # A failure's message is kept for `streamboss status`; long CLI output is cut.
 ERROR_MAX_CHARS = 400
+# `pulumi config set` reads and encrypts one value: seconds, not minutes.
+CONFIG_SET_TIMEOUT = 120.0
 
 
 class PulumiUnavailable(RuntimeError):
@@ -121,6 +130,25 @@ def one_line(exc: BaseException) -> str:
     return line[:ERROR_MAX_CHARS]
 
 
+class ConfigSetError(RuntimeError):
+    """``pulumi config set --secret`` failed; the message is the CLI's, never the value."""
+
+
+def write_secret_config(project_dir: Path, stack: str, key: str, value: str) -> None:
+    """Set ``key`` to ``value`` as a Pulumi secret, the value on the CLI's stdin.
+
+    Raises:
+        FileNotFoundError: no Pulumi CLI.
+        ConfigSetError: the CLI refused (its stderr, which never holds the value).
+    """
+    result = subprocess.run([CLI, "config", "set", key, "--secret", "--stack", stack],
+                            input=value, capture_output=True, text=True, cwd=project_dir,
+                            timeout=CONFIG_SET_TIMEOUT)
+    if result.returncode != 0:
+        raise ConfigSetError(f"pulumi config set {key} --secret exited with "
+                             f"{result.returncode}\n stderr: {result.stderr}")
+
+
 @dataclass(frozen=True)
 class PulumiStack:
     """One stack of the Pulumi program in ``project_dir``.
@@ -130,11 +158,14 @@ class PulumiStack:
         project_dir: the directory holding ``Pulumi.yaml``.
         automation: the Automation API module (``pulumi.automation``); tests
             pass a fake to record the calls. Loaded on first use when None.
+        secret_writer: sets one secret config value, ``(stack, key, value)``;
+            None: :func:`write_secret_config` in ``project_dir``.
     """
 
     name: str
     project_dir: Path
     automation: Any = None
+    secret_writer: Callable[[str, str, str], None] | None = None
 
     def check(self) -> None:
         """Everything :meth:`apply` needs that can be checked without running it.
@@ -150,12 +181,13 @@ class PulumiStack:
             raise ValueError(f"no {PROJECT_FILE} in {self.project_dir}: pass --project-dir, "
                              "the streamboss checkout holding the Pulumi program")
 
-    def apply(self, config_text: str,
+    def apply(self, config: StackConfig,
               on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Set ``streamboss:operations`` to ``config_text``, preview, then update.
+        """Set ``streamboss:operations`` and the secret ``streamboss:operationsEnv``
+        from ``config``, preview, then update.
 
         Parameters:
-            config_text: the rendered operations value (``stack_config.render``).
+            config: the rendered values (``stack_config.stack_config``).
             on_phase: told ``previewing`` and then ``updating`` as each starts.
 
         Returns:
@@ -172,7 +204,12 @@ class PulumiStack:
         try:
             stack = auto.select_stack(stack_name=self.name, work_dir=str(self.project_dir))
             phase = "config"
-            stack.set_config(CONFIG_KEY, auto.ConfigValue(value=config_text, secret=False))
+            stack.set_config(CONFIG_KEY, auto.ConfigValue(value=config.operations,
+                                                          secret=False))
+            write_secret = self.secret_writer or (
+                lambda name, key, value: write_secret_config(self.project_dir, name, key,
+                                                             value))
+            write_secret(self.name, ENV_CONFIG_KEY, config.env)
             phase = "preview"
             tell("previewing")
             preview = stack.preview(message=UPDATE_MESSAGE)

@@ -16,21 +16,32 @@ The shape, one object per operation, sorted by name::
      "idle_seconds", ["image"]}
 
 ``infra/operations.py`` parses exactly this shape.
+
+A definition's ``env`` values are secrets: in ``streamboss:operations`` they
+are masked (``<secret>``, the names stay), and the real values go to the
+secret config value :data:`ENV_CONFIG_KEY` (``{operation: {name: value}}``),
+which Pulumi stores encrypted and the program reads as a secret. Both texts
+together are one :class:`StackConfig`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from .model import Definition, Operation
+from .model import Definition, Operation, masked_body
 
 # Pulumi config keys are "<namespace>:<key>"; the namespace is the project name
 # in Pulumi.yaml.
 CONFIG_NAMESPACE = "streamboss"
 OPERATIONS_KEY = "operations"
 CONFIG_KEY = f"{CONFIG_NAMESPACE}:{OPERATIONS_KEY}"
+# The secret config value holding the operations' env values (infra/settings.py).
+ENV_KEY = "operationsEnv"
+ENV_CONFIG_KEY = f"{CONFIG_NAMESPACE}:{ENV_KEY}"
 
 
 class StackConfigError(ValueError):
@@ -65,8 +76,9 @@ def operations_config(operations: Iterable[Operation],
                 f"operation {op.name!r}: process definition {op.definition_id} is not declared")
         policy = op.policy
         # A copy through JSON: the value must hold JSON types only, and nothing
-        # the caller changes later may change what was returned.
-        body = json.loads(json.dumps(definition.body))
+        # the caller changes later may change what was returned. The env values
+        # are masked: they travel in the secret value (operations_env).
+        body = json.loads(json.dumps(masked_body(definition.body)))
         entry: dict[str, Any] = {
             "name": op.name,
             "input": op.input,
@@ -84,6 +96,56 @@ def operations_config(operations: Iterable[Operation],
             entry["image"] = image
         entries[op.name] = entry
     return [entries[name] for name in sorted(entries)]
+
+
+def operations_env(operations: Iterable[Operation],
+                   definitions: Mapping[int, Definition]) -> dict[str, dict[str, Any]]:
+    """The env values of the operations' definitions, by operation name; operations
+    whose definition has no env are left out.
+
+    Raises:
+        StackConfigError: an operation names a missing definition.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for op in operations:
+        definition = definitions.get(op.definition_id)
+        if definition is None:
+            raise StackConfigError(
+                f"operation {op.name!r}: process definition {op.definition_id} is not declared")
+        env = definition.body.get("env")
+        if isinstance(env, dict) and env:
+            found[op.name] = json.loads(json.dumps(env))
+    return found
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """What the stack is given: the operations (plain) and their env values (secret).
+
+    Equal declarations give equal values; :attr:`digest` identifies the plain
+    part only, because a digest of a short secret could be guessed from.
+    """
+
+    operations: str
+    env: str = field(default="{}", repr=False)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of ``streamboss:operations`` as written (what ``pulumi config get``
+        shows), never of the secret values."""
+        return hashlib.sha256(self.operations.encode()).hexdigest()
+
+
+def stack_config(operations: Iterable[Operation],
+                 definitions: Mapping[int, Definition]) -> StackConfig:
+    """Both config values for the declarations, rendered.
+
+    Raises:
+        StackConfigError: see :func:`operations_config`.
+    """
+    declared = list(operations)
+    return StackConfig(render(operations_config(declared, definitions)),
+                       render(operations_env(declared, definitions)))
 
 
 def render(config: Any) -> str:

@@ -53,7 +53,13 @@ from streamboss.manager.pulumi_stack import (
     check_stack_name,
 )
 from streamboss.manager.reconciler import OperationStatus, Reconciler, dead_queue
-from streamboss.manager.stack_config import CONFIG_KEY, operations_config, render
+from streamboss.manager.stack_config import (
+    CONFIG_KEY,
+    StackConfig,
+    operations_config,
+    render,
+    stack_config,
+)
 from streamboss.manager.store import Store
 
 from .conftest import MANAGER, MOTO_ENV, ROOT, free_port, op_queue, stream_exchange
@@ -110,6 +116,10 @@ class FakeAutomation:
     def set_config(self, key: str, value: FakeConfigValue, path: bool = False) -> None:
         self._step("set_config", key, value.value, value.secret, path)
 
+    def set_secret(self, stack: str, key: str, value: str) -> None:
+        """PulumiStack's secret_writer (the CLI with the value on stdin)."""
+        self._step("set_secret", stack, key, value)
+
     def preview(self, **kwargs: Any) -> FakeResult:
         self._step("preview", kwargs.get("message"))
         return FakeResult(change_summary={OpType.CREATE: 7, OpType.SAME: 40})
@@ -147,16 +157,19 @@ def sample_declarations() -> tuple[list[Operation], dict[int, Definition]]:
 
 
 CONFIG_TEXT = render(operations_config(*sample_declarations()))
+CONFIG = stack_config(*sample_declarations())
 
 
 def test_apply_selects_sets_config_previews_then_updates_in_that_order(project: Path):
     auto = FakeAutomation()
     phases: list[str] = []
-    summary = PulumiStack("acme/streamboss/dev", project, auto).apply(CONFIG_TEXT, phases.append)
+    summary = PulumiStack("acme/streamboss/dev", project, auto,
+                           auto.set_secret).apply(CONFIG, phases.append)
     message = "streamboss manager: declarations changed"
     assert auto.calls == [
         ("select_stack", "acme/streamboss/dev", str(project)),
         ("set_config", "streamboss:operations", CONFIG_TEXT, False, False),
+        ("set_secret", "acme/streamboss/dev", "streamboss:operationsEnv", CONFIG.env),
         ("preview", message),
         ("up", message),
     ]
@@ -168,7 +181,7 @@ def test_apply_selects_sets_config_previews_then_updates_in_that_order(project: 
 
 def test_the_config_text_written_is_what_the_pulumi_program_parses(project: Path):
     auto = FakeAutomation()
-    PulumiStack("o/p/s", project, auto).apply(CONFIG_TEXT)
+    PulumiStack("o/p/s", project, auto, auto.set_secret).apply(CONFIG)
     (_, key, text, secret, _) = auto.calls[1]
     # infra/settings.py reads the key with Config.get_object, i.e. json.loads of this text.
     specs = parse_operations(json.loads(text))
@@ -184,8 +197,9 @@ def test_a_failed_preview_stops_before_the_update_with_pulumis_error_line(projec
         "warning: A new version of Pulumi is available.\n"
         "error: streamboss:brokerPassword is required\n")})
     with pytest.raises(StackError) as caught:
-        PulumiStack("o/p/s", project, auto).apply(CONFIG_TEXT)
-    assert [c[0] for c in auto.calls] == ["select_stack", "set_config", "preview"]
+        PulumiStack("o/p/s", project, auto, auto.set_secret).apply(CONFIG)
+    assert [c[0] for c in auto.calls] == ["select_stack", "set_config", "set_secret",
+                                          "preview"]
     assert caught.value.phase == "preview"
     assert str(caught.value) == "preview failed: error: streamboss:brokerPassword is required"
 
@@ -193,7 +207,7 @@ def test_a_failed_preview_stops_before_the_update_with_pulumis_error_line(projec
 def test_a_failed_update_keeps_the_preview_in_its_summary(project: Path):
     auto = FakeAutomation(fail={"up": command_error("some provider noise\nfinal line\n")})
     with pytest.raises(StackError) as caught:
-        PulumiStack("o/p/s", project, auto).apply(CONFIG_TEXT)
+        PulumiStack("o/p/s", project, auto, auto.set_secret).apply(CONFIG)
     assert caught.value.phase == "update"
     assert str(caught.value) == "update failed: final line"
     assert caught.value.summary == {"preview": {"create": 7, "same": 40}}
@@ -201,7 +215,8 @@ def test_a_failed_update_keeps_the_preview_in_its_summary(project: Path):
 
 def test_an_update_whose_result_is_not_succeeded_is_a_failure(project: Path):
     with pytest.raises(StackError, match="update failed: result failed"):
-        PulumiStack("o/p/s", project, FakeAutomation(up_result="failed")).apply(CONFIG_TEXT)
+        auto = FakeAutomation(up_result="failed")
+        PulumiStack("o/p/s", project, auto, auto.set_secret).apply(CONFIG)
 
 
 def test_a_missing_stack_names_pulumi_stack_init(project: Path):
@@ -209,14 +224,14 @@ def test_a_missing_stack_names_pulumi_stack_init(project: Path):
         CommandResult("", "error: no stack named 'o/p/s' found", 255))})
     with pytest.raises(StackError, match=r"stack o/p/s does not exist: run `pulumi stack init "
                                          r"o/p/s`"):
-        PulumiStack("o/p/s", project, auto).apply(CONFIG_TEXT)
+        PulumiStack("o/p/s", project, auto, auto.set_secret).apply(CONFIG)
 
 
 def test_the_real_automation_api_without_the_cli_is_the_one_line_cli_error(project: Path):
     require(shutil.which("pulumi") is None, NO_PULUMI_CLI)
     # pulumi.automation raises FileNotFoundError: 'pulumi' when it shells out.
     with pytest.raises(PulumiUnavailable) as caught:
-        PulumiStack("o/p/s", project).apply(CONFIG_TEXT)
+        PulumiStack("o/p/s", project).apply(CONFIG)
     assert str(caught.value) == CLI_MISSING
     with pytest.raises(PulumiUnavailable, match="no `pulumi` on PATH"):
         PulumiStack("o/p/s", project).check()
@@ -251,8 +266,8 @@ class RecordingDriver:
         self.applied: list[str] = []
         self.fail_next: list[str] = []
 
-    def apply(self, config_text: str, on_phase: Any = None) -> dict[str, Any]:
-        self.applied.append(config_text)
+    def apply(self, config: StackConfig, on_phase: Any = None) -> dict[str, Any]:
+        self.applied.append(config.operations)
         if self.fail_next:
             raise StackError("preview", self.fail_next.pop(0), {})
         return {"preview": {"update": 1}, "update": {"result": "succeeded", "changes": {}}}
@@ -262,7 +277,7 @@ def test_quick_changes_are_applied_once_after_the_debounce():
     clock, driver = Clock(), RecordingDriver()
     updater = StackUpdater(driver, debounce=5.0, clock=clock)
     for text in ("A", "B", "C"):
-        updater.offer(text)
+        updater.offer(StackConfig(text))
         assert updater.state()["state"] == WAITING
         assert not updater.run_due()
         clock.now += 2.0
@@ -277,7 +292,7 @@ def test_quick_changes_are_applied_once_after_the_debounce():
     assert state["applied_config_sha256"] == sha256("C") == state["wanted_config_sha256"]
     assert state["last_result"]["outcome"] == "succeeded"
     # The same config again is nothing to do.
-    updater.offer("C")
+    updater.offer(StackConfig("C"))
     clock.now += 60
     assert not updater.run_due()
     assert driver.applied == ["C"]
@@ -286,12 +301,12 @@ def test_quick_changes_are_applied_once_after_the_debounce():
 def test_a_change_reverted_within_the_debounce_applies_nothing():
     clock, driver = Clock(), RecordingDriver()
     updater = StackUpdater(driver, debounce=5.0, clock=clock)
-    updater.offer("A")
+    updater.offer(StackConfig("A"))
     clock.now += 5
     updater.run_due()
-    updater.offer("B")
+    updater.offer(StackConfig("B"))
     clock.now += 1
-    updater.offer("A")
+    updater.offer(StackConfig("A"))
     assert updater.state()["state"] == IDLE
     clock.now += 60
     assert not updater.run_due()
@@ -302,7 +317,7 @@ def test_a_failure_is_recorded_and_retried_later_with_backoff():
     clock, driver = Clock(), RecordingDriver()
     driver.fail_next = ["preview failed: error: no credentials", "preview failed: again"]
     updater = StackUpdater(driver, debounce=5.0, retry=60.0, clock=clock)
-    updater.offer("A")
+    updater.offer(StackConfig("A"))
     clock.now += 5
     assert updater.run_due()
     state = updater.state()
@@ -330,10 +345,10 @@ def test_a_new_config_after_a_failure_waits_only_for_the_debounce():
     clock, driver = Clock(), RecordingDriver()
     driver.fail_next = ["update failed: x"]
     updater = StackUpdater(driver, debounce=5.0, retry=600.0, clock=clock)
-    updater.offer("A")
+    updater.offer(StackConfig("A"))
     clock.now += 5
     updater.run_due()
-    updater.offer("B")
+    updater.offer(StackConfig("B"))
     assert updater.state()["state"] == WAITING
     clock.now += 5
     assert updater.run_due()
@@ -353,11 +368,11 @@ class BlockingDriver:
         self.max_active = 0
         self.lock = threading.Lock()
 
-    def apply(self, config_text: str, on_phase: Any = None) -> dict[str, Any]:
+    def apply(self, config: StackConfig, on_phase: Any = None) -> dict[str, Any]:
         with self.lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
-            self.applied.append(config_text)
+            self.applied.append(config.operations)
         if on_phase:
             on_phase("updating")
         self.entered.set()
@@ -379,11 +394,11 @@ def test_one_apply_at_a_time_and_changes_meanwhile_make_one_more():
     updater = StackUpdater(driver, debounce=0.05)
     updater.start()
     try:
-        updater.offer("A")
+        updater.offer(StackConfig("A"))
         assert driver.entered.wait(5)
         driver.entered.clear()
         for text in ("B", "C", "D"):
-            updater.offer(text)
+            updater.offer(StackConfig(text))
         time.sleep(0.3)  # several debounce periods: still only the first apply
         assert driver.applied == ["A"]
         assert updater.state()["state"] == "updating"
@@ -552,7 +567,7 @@ def make_group(name: str, stack: str, operation: str | None, desired: int) -> No
 class NullDriver:
     name = "acme/streamboss/dev"
 
-    def apply(self, config_text: str, on_phase: Any = None) -> dict[str, Any]:
+    def apply(self, config: StackConfig, on_phase: Any = None) -> dict[str, Any]:
         return {}
 
 
@@ -694,7 +709,8 @@ def status_of(manager: Manager) -> dict[str, Any]:
         # subclass); it still works.
         warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
-    return TestClient(create_app(manager)).get("/v1/status").json()
+    # A loopback Host, as the manager answers no other.
+    return TestClient(create_app(manager), base_url="http://127.0.0.1").get("/v1/status").json()
 
 
 def test_status_api_and_cli_show_the_stack_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -783,14 +799,19 @@ import json, os, sys
 argv = sys.argv[1:]
 # The Automation API puts global flags (--non-interactive) before the command.
 args = argv[1:] if argv[:1] == ["--non-interactive"] else argv
+# A secret arrives on stdin (never in argv, which every user may read).
+stdin = sys.stdin.read() if "--secret" in args else None
 with open(os.environ["FAKE_PULUMI_LOG"], "a") as log:
-    log.write(json.dumps({{"argv": argv, "cwd": os.getcwd()}}) + "\\n")
+    log.write(json.dumps({{"argv": argv, "cwd": os.getcwd(), "stdin": stdin}}) + "\\n")
 if args == ["version"]:
     print("v3.272.0")
 elif args[:2] not in (["stack", "select"], ["config", "set"]):
     print("error: the tests' stand-in for the Pulumi CLI cannot " + args[0], file=sys.stderr)
     sys.exit(1)
 """
+
+
+ENV_SECRET = "env-secret-6d1f"
 
 
 def test_a_real_aws_manager_drives_the_automation_api_and_publishes_to_cloudwatch(
@@ -832,7 +853,8 @@ def test_a_real_aws_manager_drives_the_automation_api_and_publishes_to_cloudwatc
     try:
         manager.wait_healthy()
         seed = tmp_path / "upper.json"
-        seed.write_text(json.dumps({"definition": {"exec": "tr a-z A-Z", "name": "upper"}}))
+        seed.write_text(json.dumps({"definition": {"exec": "tr a-z A-Z", "name": "upper",
+                                                   "env": {"API_KEY": ENV_SECRET}}}))
         definition = manager.ok("define-process", str(seed)).strip()
         manager.ok("create-stream", source)
         manager.ok("create-operation", operation, definition, source, sink, "--max", "4")
@@ -851,13 +873,19 @@ def test_a_real_aws_manager_drives_the_automation_api_and_publishes_to_cloudwatc
         ran = [entry for entry in ran if entry["argv"] != ["version"]]
         assert {entry["cwd"] for entry in ran} == {str(ROOT)}
         commands = [entry["argv"] for entry in ran]
-        text = commands[-2][-1]
-        assert commands[-3:-1] == [
+        text = commands[-3][-1]
+        assert commands[-4:-1] == [
             ["--non-interactive", "stack", "select", "--stack", stack_name],
             ["config", "set", "streamboss:operations", "--plaintext", "--stack", stack_name,
-             "--non-interactive", "--", text]]
+             "--non-interactive", "--", text],
+            ["config", "set", "streamboss:operationsEnv", "--secret", "--stack", stack_name]]
         assert commands[-1][:2] == ["--non-interactive", "preview"]
         assert [s.name for s in parse_operations(json.loads(text))] == [operation]
+        # The env values: masked in the plain value, on the CLI's stdin as a secret.
+        (definition,) = [d for d in json.loads(text)]
+        assert definition["definition"]["env"] == {"API_KEY": "<secret>"}
+        assert json.loads(ran[-2]["stdin"]) == {operation: {"API_KEY": ENV_SECRET}}
+        assert not any(ENV_SECRET in arg for entry in ran for arg in entry["argv"])
 
         # Agent counts from the group; the metrics in CloudWatch (moto server).
         manager.wait_status(operation, lambda s: s["running"] == 2, 30, "2 agents from the ASG")

@@ -38,7 +38,8 @@ from .conftest import (
 
 def cloud_config(template: Any) -> dict[str, Any]:
     """The launch template's user data, decoded: the cloud-config document."""
-    text = base64.b64decode(template.inputs["userData"]).decode()
+    # An agent's user data is a secret (it holds the definition's env values).
+    text = base64.b64decode(plain(template.inputs["userData"])).decode()
     header, _, body = text.partition("\n")
     assert header == "#cloud-config"
     return json.loads(body)

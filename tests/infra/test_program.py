@@ -173,8 +173,10 @@ def test_no_secret_appears_in_clear_anywhere_in_the_declared_inputs(stack):
             secret_holders.append(item.name)
     assert sorted(secret_holders) == ["broker-mq", "broker-url", "manager-token"]
     for template in stack.of_type("aws:ec2/launchTemplate:LaunchTemplate"):
-        text = template.inputs["userData"]
+        text = plain(template.inputs["userData"])
         assert "/streamboss/dev/broker-url" in base64.b64decode(text).decode()
+        # An agent's user data holds its definition's env values: always a secret.
+        assert is_secret(template.inputs["userData"]) == template.name.startswith("agents-")
 
 
 def strip_secrets(value: Any) -> Any:
@@ -355,6 +357,10 @@ def test_settings_read_exactly_the_documented_keys(stack):
         def get_object(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
             read.append(key)
             return super().get_object(key, default)
+
+        def get_secret_object(self, key: str) -> Any:  # type: ignore[override]
+            read.append(key)
+            return super().get_secret_object(key)
 
     set_config(stack_config())
     stack.run(lambda: load(Recording("streamboss")).broker_password)
