@@ -50,6 +50,8 @@ SSHD = "/usr/sbin/sshd"
 TARGET_PYTHON = "/usr/bin/python3"
 # The service user the roles create for real (a system user, no login).
 SERVICE_USER = "streamboss-ci"
+# The user the agent's programs run as, also created for real.
+CHILD_USER = "streamboss-ci-child"
 # systemd gives services this PATH.
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PLAYBOOK_TIMEOUT = 600
@@ -387,6 +389,7 @@ def node_paths(prefix: Path) -> dict[str, Any]:
         "common_sshd_config_dir": str(prefix / "etc/ssh/sshd_config.d"),
         "stream_agent_user": SERVICE_USER,
         "stream_agent_group": SERVICE_USER,
+        "stream_agent_child_user": CHILD_USER,
         "stream_agent_venv_dir": str(prefix / "opt/streamboss/agent"),
         "stream_agent_config_dir": str(prefix / "etc/streamboss"),
         "stream_agent_unit_dir": str(prefix / "etc/systemd/system"),
@@ -572,11 +575,33 @@ def start_as_unit(unit: Unit, log: Path, extra_env: dict[str, str] | None = None
     # systemd expands ${VAR} in ExecStart from that environment.
     command = [re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), ""), arg)
                for arg in unit.exec_start]
-    argv = ["setpriv", f"--reuid={unit.user}", f"--regid={unit.group}", "--init-groups", "--",
-            *command]
+    argv = ["setpriv", f"--reuid={unit.user}", f"--regid={unit.group}", "--init-groups",
+            *capability_flags(unit), "--", *command]
     handle = open(log, "ab")  # noqa: SIM115 - closed with the process by the caller
     return subprocess.Popen(argv, env=env,
                             cwd=unit.working_directory or "/", stdout=handle, stderr=handle)
+
+
+def capability_flags(unit: Unit) -> list[str]:
+    """setpriv's flags for the unit's CapabilityBoundingSet=, AmbientCapabilities= and
+    NoNewPrivileges= (systemd grants ambient capabilities through the inheritable set)."""
+    def names(key: str) -> list[str] | None:
+        values = unit.keys.get(key)
+        if values is None:
+            return None
+        return [cap.lower().removeprefix("cap_") for cap in values[-1].split()]
+
+    flags: list[str] = []
+    bounding = names("CapabilityBoundingSet")
+    if bounding is not None:
+        flags.append("--bounding-set=" + ",".join(["-all", *(f"+{c}" for c in bounding)]))
+    ambient = names("AmbientCapabilities")
+    if ambient:
+        listed = ",".join(f"+{c}" for c in ambient)
+        flags += [f"--inh-caps={listed}", f"--ambient-caps={listed}"]
+    if unit.keys.get("NoNewPrivileges", [""])[-1] == "yes":
+        flags.append("--no-new-privs")
+    return flags
 
 
 def terminate(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:

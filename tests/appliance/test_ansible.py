@@ -25,6 +25,7 @@ from tests.requirements import require
 
 from .conftest import (
     BROKER_URL,
+    CHILD_USER,
     SERVICE_USER,
     Node,
     connection_vars,
@@ -61,9 +62,14 @@ def test_the_node_has_what_the_roles_promise(converged: Node, tmp_path):
     user = pwd.getpwnam(SERVICE_USER)
     assert user.pw_shell == "/usr/sbin/nologin"
     assert user.pw_uid < 1000, "a system user"
-    for name in ("agent.json", "agent.env"):
+    # agent.json is the agent's to read; agent.env systemd's (PID 1, root) alone.
+    for name, owner in (("agent.json", user.pw_uid), ("agent.env", 0)):
         info = (converged.config_dir / name).stat()
-        assert (info.st_mode & 0o777, info.st_uid) == (0o600, user.pw_uid), name
+        assert (info.st_mode & 0o777, info.st_uid) == (0o600, owner), name
+    child = pwd.getpwnam(CHILD_USER)
+    assert child.pw_shell == "/usr/sbin/nologin" and child.pw_uid < 1000
+    assert child.pw_uid != user.pw_uid and child.pw_gid != user.pw_gid
+    assert not Path(child.pw_dir).exists(), "no home"
     config = json.loads((converged.config_dir / "agent.json").read_text())
     assert config == {"operation": {"name": converged.operation, "input": converged.input,
                                     "output": converged.output},
@@ -143,6 +149,12 @@ def test_the_units_pass_systemd_analyze_verify_and_are_sandboxed(converged: Node
         assert "guest" not in keys["ExecStart"][0], "no credentials in argv"
     agent = read_unit(converged.unit).keys
     assert agent["TimeoutStopSec"] == ["35"], "the drain timeout (20 s) plus a margin"
+    # Programs run as the child user: the agent may switch to it and signal it, nothing more.
+    assert f"STREAMBOSS_CHILD_USER={CHILD_USER}" in agent["Environment"]
+    caps = "CAP_SETUID CAP_SETGID CAP_KILL"
+    assert agent["CapabilityBoundingSet"] == [caps] and agent["AmbientCapabilities"] == [caps]
+    assert agent["SystemCallFilter"][-1] == "@setuid"
+    assert read_unit(converged.manager_unit).keys["CapabilityBoundingSet"] == [""]
     assert "--drain-timeout 20" in agent["ExecStart"][0]
     manager = read_unit(converged.manager_unit).keys
     assert manager["Requires"] == [converged.state_unit.name]
@@ -185,11 +197,54 @@ def test_the_units_own_command_run_as_its_user_transforms_messages(
     assert broker.queue_depth(f"sb.op.{converged.operation}") == 0, "nothing left unacked"
 
 
+# A program that reports who it runs as and what it can reach of its agent: its uid, its
+# capabilities, whether the agent's environ and agent.json are readable, its environment's
+# names. Shell tools only (the child user may not reach a virtualenv's Python).
+PROBE = ("echo uid=$(id -u) cap=$(grep '^CapEff:' /proc/self/status | cut -f2) "
+         "environ=$(cat /proc/$PPID/environ >/dev/null 2>&1 && echo readable || echo denied) "
+         "config=$(cat {config} >/dev/null 2>&1 && echo readable || echo denied) "
+         "names=$(env | cut -d= -f1 | sort | tr '\\n' ,)")
+
+
+def test_the_units_programs_run_as_the_child_user_and_reach_nothing_of_the_agent(
+        converged: Node, broker, tmp_path):
+    config = converged.config_dir / "agent.json"
+    saved = (config.read_bytes(), config.stat())
+    document = json.loads(saved[0])
+    document["definition"] = {"exec": PROBE.format(config=config), "shell": True,
+                              "env": {"FROM_DEFINITION": "yes"}}
+    try:
+        config.write_text(json.dumps(document))
+        unit = read_unit(converged.unit)
+        capture = _streams(broker, converged)
+        agent = start_as_unit(unit, tmp_path / "agent.log")
+        try:
+            _wait_for_consumer(broker, converged.operation)
+            broker.publish(converged.input, [b"who am i"])
+            (got,) = capture.collect(1)
+        finally:
+            code = terminate(agent)
+        assert code == 0, (tmp_path / "agent.log").read_text()
+    finally:
+        config.write_bytes(saved[0])
+        os.chown(config, saved[1].st_uid, saved[1].st_gid)
+        config.chmod(saved[1].st_mode & 0o777)
+    seen = dict(item.split("=", 1) for item in got.body.decode().split())
+    assert seen["uid"] == str(pwd.getpwnam(CHILD_USER).pw_uid)
+    assert int(seen["cap"], 16) == 0
+    assert (seen["environ"], seen["config"]) == ("denied", "denied")
+    names = set(filter(None, seen["names"].split(",")))
+    assert "FROM_DEFINITION" in names
+    assert not names & {"STREAMBOSS_BROKER_URL", "STREAMBOSS_BROKER_URL_PARAMETER",
+                        "STREAMBOSS_CHILD_USER"}, names
+
+
 def test_the_unit_honours_the_pulumi_user_data_contract(
         converged: Node, broker, moto_server, tmp_path):
-    """The files the Pulumi program's user data writes (a 0644 agent.json, an agent.env that
-    only *names* the SSM parameter) are enough: streamboss-env reads the broker URL from
-    SSM (moto here) with the node's credentials, and the agent runs the operation."""
+    """The files the Pulumi program's user data writes (a 0600 agent.json of the agent's
+    user, a root-owned 0600 agent.env that only *names* the SSM parameter) are enough:
+    streamboss-env reads the broker URL from SSM (moto here) with the node's credentials,
+    and the agent runs the operation."""
     import boto3
 
     parameter = f"/streamboss/test-{converged.operation}/broker-url"
@@ -209,10 +264,13 @@ def test_the_unit_honours_the_pulumi_user_data_contract(
         target = converged.config_dir / Path(entry["path"]).name
         saved[target] = (target.read_bytes(), target.stat())
     try:
-        for entry in document["write_files"]:  # as cloud-init would: root-owned, 0644
+        for entry in document["write_files"]:  # as cloud-init would: owner and mode
             target = converged.config_dir / Path(entry["path"]).name
             target.write_text(entry["content"])
-            os.chown(target, 0, 0)
+            # The images' agent user is streamboss; this test host's is SERVICE_USER.
+            owner = entry["owner"].split(":")[0].replace("streamboss", SERVICE_USER)
+            assert owner in (SERVICE_USER, "root") and entry["permissions"] == "0600"
+            os.chown(target, pwd.getpwnam(owner).pw_uid, pwd.getpwnam(owner).pw_gid)
             target.chmod(int(entry["permissions"], 8))
         assert "STREAMBOSS_BROKER_URL=" not in (converged.config_dir / "agent.env").read_text()
         unit = read_unit(converged.unit)
