@@ -16,6 +16,7 @@ from typing import TextIO
 import uvicorn
 
 from streamboss.agent.config import ConfigError, consumer_timeout_limit, redact
+from streamboss.agent.isolation import make_non_dumpable
 
 from .api import Manager, create_app
 from .broker import Broker
@@ -136,6 +137,10 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
         ServerError: bad bind, busy port, an unknown dispatcher, or (aws) a stack
             that cannot be updated from here (see :func:`aws_stack`).
     """
+    # The manager holds the broker URL, its token and every definition's env values: no
+    # process of its user (a program its local agents run) may read its memory or its
+    # /proc/<pid>/environ.
+    make_non_dumpable()
     # Before anything binds, locks or starts: a manager that cannot update its
     # stack must say so now, not in a log line minutes later.
     stack = aws_stack(config) if config.dispatcher == "aws" else None

@@ -18,9 +18,11 @@ import pwd
 import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from streamboss.agent import isolation
@@ -29,7 +31,14 @@ from streamboss.manager.dispatch_local import LocalDispatcher
 from streamboss.manager.model import MASKED, Definition, Operation
 from streamboss.manager.store import Store
 
-from .conftest import PYTHON, AgentProcess, ManagerProcess, agent_pids, wait_until
+from .conftest import (
+    PYTHON,
+    AgentProcess,
+    ManagerProcess,
+    agent_pids,
+    free_port,
+    wait_until,
+)
 from .module_manager import manager_names, module_manager  # noqa: F401 (fixtures)
 from .requirements import require
 
@@ -437,3 +446,40 @@ def test_a_child_user_the_agent_cannot_use_is_refused_at_start(
     lines = process.log().strip().splitlines()
     assert len(lines) == 1, lines
     assert f"STREAMBOSS_CHILD_USER {user!r}" in lines[0] and refused in lines[0], lines[0]
+
+
+def test_the_manager_is_not_dumpable_either(tmp_path: Path, broker_url: str) -> None:
+    need_setpriv()
+    # pytest's own temporary directories are root's alone: nobody needs one it can reach.
+    state = Path(tempfile.mkdtemp(prefix="streamboss-nobody-", dir="/tmp"))
+    nobody = pwd.getpwnam(NOBODY)
+    os.chown(state, nobody.pw_uid, nobody.pw_gid)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBOSS_")}
+    env["STREAMBOSS_BROKER_URL"] = broker_url
+    log = tmp_path / "manager.log"
+    with log.open("ab") as handle:
+        manager = subprocess.Popen(
+            [*setpriv_as(NOBODY), PYTHON, "-m", "streamboss.manager", "manager", "--port",
+             str(port), "--state-dir", str(state)], stdout=handle, stderr=handle,
+            stdin=subprocess.DEVNULL, env=env, cwd="/")
+    try:
+        wait_until(lambda: manager.poll() is not None or _answers(port), 30,
+                   "the manager's API")
+        assert manager.poll() is None, log.read_text()
+        # Running as nobody, yet its /proc files are root's: the kernel's mark of a
+        # non-dumpable process, which nobody's other processes cannot read or trace.
+        assert Path(f"/proc/{manager.pid}/environ").stat().st_uid == 0
+        assert Path(f"/proc/{manager.pid}/status").read_text().count(
+            f"Uid:\t{nobody.pw_uid}") == 1
+    finally:
+        manager.terminate()
+        manager.wait(timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
