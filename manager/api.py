@@ -8,49 +8,75 @@ call returns (nothing published right after is lost).
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hmac
 import threading
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import pika.exceptions
-from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from streamboss.agent import objects
 from streamboss.agent.archive import ArchiveError, ArchiveIndex
 from streamboss.agent.config import DEFAULT_CONSUMER_TIMEOUT, ConfigError, parse_definition
 
-from . import consumer_timeout
+from . import api_token, consumer_timeout
+from .api_models import (
+    NAME_SCHEMA,
+    PUBLIC,
+    READ,
+    WRITE,
+    ArchiveIn,
+    OperationIn,
+    StreamIn,
+    check_definition_body,
+    errors,
+    schema_components,
+)
 from .archive_stores import ArchiveStoreRefused, check_archive_store
 from .broker import Broker, BrokerUnavailable
 from .graph import render_graph
+from .http_guard import GuardPolicy, HttpGuard
 from .model import Archive
 from .reconciler import Reconciler
 from .routes import dead_letters as dead_letter_routes
 from .store import Store, StoreError
 
-
-class StreamIn(BaseModel):
-    name: str
-
-
-class OperationIn(BaseModel):
-    name: str
-    definition: str = Field(description="definition id or name (newest version)")
-    input: str
-    output: str
-    policy: dict[str, Any] = Field(default_factory=dict)
+# A name in a path: the pattern is the schema's; the store answers 404 for any other.
+NamePath = Annotated[str, Path(json_schema_extra=NAME_SCHEMA)]
+# Declares the token in the OpenAPI document; HttpGuard and authorize() check it.
+BEARER = HTTPBearer(auto_error=False, description="the manager's token: STREAMBOSS_TOKEN, or "
+                    "the one it generated in its state directory")
+# The definition routes read their body themselves (see checked_definition); this is
+# the schema it is checked against.
+DEFINITION_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/DefinitionBody"}}}}}
 
 
-class ArchiveIn(BaseModel):
-    stream: str
-    store: str | None = Field(default=None, description="URL prefix; default the manager's")
-    segment_bytes: int | None = None
-    segment_seconds: float | None = None
+def checked_definition(body: Any) -> dict[str, Any]:
+    """``body`` as the schema reads it (see check_definition_body), if it is a process
+    definition the schema allows.
+
+    Raises:
+        StoreError: (400) one line naming the field: parse_definition's words for the
+            usual mistakes (no exec, an unknown field), else the schema's.
+    """
+    try:
+        return check_definition_body(body)
+    except ValueError as exc:
+        try:
+            parse_definition(body)
+        except ConfigError as friendly:
+            raise StoreError(str(friendly)) from None
+        except (TypeError, ValueError, OverflowError):
+            pass  # types parse_definition was never meant to see: the schema's words
+        raise StoreError(str(exc)) from None
 
 
 class Manager:
@@ -134,26 +160,43 @@ class Manager:
         raise StoreError(reason)
 
 
-def create_app(manager: Manager) -> FastAPI:
-    app = FastAPI(title="streamboss manager", version="1", openapi_url="/openapi.json")
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route of ``app`` answers on ``request``'s path."""
+    methods: set[str] = set()
+    for route in app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and isinstance(route, APIRoute):
+            methods |= route.methods or set()
+    return sorted(methods)
 
-    def authorize(request: Request) -> None:
+
+def create_app(manager: Manager, guard: GuardPolicy | None = None) -> FastAPI:
+    """The API over ``manager``, behind :class:`HttpGuard` with ``guard`` (by default:
+    loopback names only, ``manager.token`` required, 1 MiB bodies)."""
+    app = FastAPI(title="streamboss manager", version="1", openapi_url="/openapi.json")
+    app.add_middleware(HttpGuard, policy=guard or GuardPolicy.for_bind("127.0.0.1",
+                                                                       manager.token))
+
+    def authorize(request: Request, _credentials: Annotated[
+            HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        # HttpGuard has checked already, before the body was read; this declares the
+        # scheme in the OpenAPI document, and holds should a route be reached without it.
         if manager.token is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        supplied = ""
-        if scheme.lower() == "bearer":
-            supplied = value.strip()
-        elif scheme.lower() == "basic":
-            # The seed's registration call sends HTTP basic auth; the token is the password.
-            try:
-                supplied = base64.b64decode(value).decode().partition(":")[2]
-            except ValueError:
-                supplied = ""
-        if not hmac.compare_digest(supplied.encode(), manager.token.encode()):
+        if not api_token.matches(request.headers.get("authorization", ""), manager.token):
             raise HTTPException(401, "missing or wrong token: set STREAMBOSS_TOKEN",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    describe = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = describe()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                schema_components())
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(StoreError)
     def store_error(_request: Request, exc: StoreError) -> JSONResponse:
@@ -163,15 +206,36 @@ def create_app(manager: Manager) -> FastAPI:
     def broker_error(_request: Request, exc: BrokerUnavailable) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503)
 
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only; each
+            # method is a route of its own here, so name them all.
+            headers["Allow"] = ", ".join(allowed_methods(app, request))
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes each bad value ("input"), which fails on an infinity
+        # (a 500) and would repeat whatever was sent (env values included): where and
+        # what only.
+        errors = [{"type": str(e.get("type", "")), "loc": [str(p) if not isinstance(p, int)
+                                                            else p for p in e.get("loc", ())],
+                   "msg": str(e.get("msg", ""))} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
     v1 = [Depends(authorize)]
 
     # -- streams -----------------------------------------------------------------
 
-    @app.get("/v1/streams", dependencies=v1)
+    @app.get("/v1/streams", dependencies=v1, responses=errors(*READ))
     def list_streams() -> list[dict[str, Any]]:
         return [{"name": s.name, "created_at": s.created_at} for s in manager.store.streams()]
 
-    @app.post("/v1/streams", dependencies=v1, status_code=201)
+    @app.post("/v1/streams", dependencies=v1, status_code=201,
+              responses=errors(*WRITE, 409, 503))
     def create_stream(stream: StreamIn) -> dict[str, Any]:
         manager.store.check_stream_name(stream.name)
         manager.on_broker(lambda b: b.ensure_stream(stream.name))
@@ -179,8 +243,9 @@ def create_app(manager: Manager) -> FastAPI:
         manager.changed()
         return {"name": created.name, "created_at": created.created_at, "created": new}
 
-    @app.delete("/v1/streams/{name}", dependencies=v1)
-    def delete_stream(name: str, force: bool = False) -> dict[str, Any]:
+    @app.delete("/v1/streams/{name}", dependencies=v1,
+                responses=errors(*WRITE, 404, 409, 503))
+    def delete_stream(name: NamePath, force: bool = False) -> dict[str, Any]:
         removed = manager.store.delete_stream(
             name, force=force, before_commit=lambda: manager.on_broker(
                 lambda b: b.delete_stream(name)))
@@ -193,25 +258,31 @@ def create_app(manager: Manager) -> FastAPI:
 
     # -- process definitions -----------------------------------------------------
 
-    @app.get("/v1/definitions", dependencies=v1)
+    @app.get("/v1/definitions", dependencies=v1, responses=errors(*READ))
     def list_definitions() -> list[dict[str, Any]]:
         return [d.to_dict() for d in manager.store.definitions()]
 
-    @app.post("/v1/definitions", dependencies=v1, status_code=201)
+    @app.post("/v1/definitions", dependencies=v1, status_code=201,
+              responses=errors(*WRITE, 503), openapi_extra=DEFINITION_BODY)
     def define_process(body: Annotated[Any, Body()],
-                       name: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+                       name: Annotated[str | None, Query(json_schema_extra=NAME_SCHEMA,
+                                                         description="name the definition "
+                                                         "(else its 'name' field)")] = None
+                       ) -> dict[str, Any]:
+        body = checked_definition(body)
         manager.check_consumer_timeout(body)
         return manager.store.define_process(body, name=name).to_dict()
 
-    @app.get("/v1/definitions/{ref}", dependencies=v1)
-    def get_definition(ref: str) -> dict[str, Any]:
+    @app.get("/v1/definitions/{ref}", dependencies=v1, responses=errors(*READ, 404))
+    def get_definition(ref: NamePath) -> dict[str, Any]:
         definition = manager.store.get_definition(ref)
         if definition is None:
             raise StoreError(f"process definition {ref!r} does not exist", 404)
         return definition.to_dict()
 
-    @app.delete("/v1/definitions/{ref}", dependencies=v1)
-    def delete_process(ref: str, force: bool = False) -> dict[str, Any]:
+    @app.delete("/v1/definitions/{ref}", dependencies=v1,
+                responses=errors(*WRITE, 404, 409, 503))
+    def delete_process(ref: NamePath, force: bool = False) -> dict[str, Any]:
         removed = manager.store.delete_process(ref, force=force)
         manager.changed(removed)
         return {"deleted": ref, "operations_deleted": removed}
@@ -219,17 +290,19 @@ def create_app(manager: Manager) -> FastAPI:
     @app.post("/api/process_definition/", dependencies=v1, include_in_schema=False)
     def seed_define_process(body: Annotated[Any, Body()]) -> dict[str, Any]:
         # The seed's own registration call, answered the way its tools expect.
+        body = checked_definition(body)
         manager.check_consumer_timeout(body)
         definition = manager.store.define_process(body)
         return {"id": definition.id, "name": definition.name}
 
     # -- operations --------------------------------------------------------------
 
-    @app.get("/v1/operations", dependencies=v1)
+    @app.get("/v1/operations", dependencies=v1, responses=errors(*READ))
     def list_operations() -> list[dict[str, Any]]:
         return [op.to_dict() for op in manager.store.operations()]
 
-    @app.post("/v1/operations", dependencies=v1, status_code=201)
+    @app.post("/v1/operations", dependencies=v1, status_code=201,
+              responses=errors(*WRITE, 404, 409, 503))
     def create_operation(op: OperationIn) -> dict[str, Any]:
         def topology(b: Broker) -> None:
             # Inside the store's transaction: the same definition the store resolved.
@@ -253,13 +326,15 @@ def create_app(manager: Manager) -> FastAPI:
                 b.put_policy(consumer_timeout.policy_name(op.name), lift)
 
         created = manager.store.create_operation(
-            op.name, op.definition, op.input, op.output, op.policy,
+            op.name, op.definition, op.input, op.output,
+            op.policy.model_dump(exclude_none=True),
             before_commit=lambda: manager.on_broker(topology))
         manager.changed()
         return created.to_dict()
 
-    @app.delete("/v1/operations/{name}", dependencies=v1)
-    def delete_operation(name: str) -> dict[str, Any]:
+    @app.delete("/v1/operations/{name}", dependencies=v1,
+                responses=errors(*WRITE, 404, 503))
+    def delete_operation(name: NamePath) -> dict[str, Any]:
         manager.store.delete_operation(name)
         manager.changed([name])
         if consumer_timeout.per_queue_supported(manager.broker_version()):
@@ -280,19 +355,20 @@ def create_app(manager: Manager) -> FastAPI:
         view["backlog"] = state.backlog if state else None
         return view
 
-    @app.get("/v1/archives", dependencies=v1)
+    @app.get("/v1/archives", dependencies=v1, responses=errors(*READ))
     def list_archives() -> list[dict[str, Any]]:
         return [archive_view(a) for a in manager.store.archives()]
 
-    @app.get("/v1/archives/{stream}", dependencies=v1)
-    def get_archive(stream: str) -> dict[str, Any]:
+    @app.get("/v1/archives/{stream}", dependencies=v1, responses=errors(*READ, 404))
+    def get_archive(stream: NamePath) -> dict[str, Any]:
         archive = manager.store.get_archive(stream)
         if archive is None:
             raise StoreError(f"stream {stream!r} has never been archived: start with "
                              f"`streamboss archive-stream {stream}`", 404)
         return archive_view(archive)
 
-    @app.post("/v1/archives", dependencies=v1, status_code=201)
+    @app.post("/v1/archives", dependencies=v1, status_code=201,
+              responses=errors(*WRITE, 404, 409, 503))
     def start_archive(body: ArchiveIn) -> dict[str, Any]:
         def prepare(archive: Archive) -> None:
             # The store is checked before anything is written: a bad URL, a missing
@@ -316,15 +392,16 @@ def create_app(manager: Manager) -> FastAPI:
         manager.changed()
         return {**archive_view(archive), "started": started}
 
-    @app.delete("/v1/archives/{stream}", dependencies=v1)
-    def stop_archive(stream: str) -> dict[str, Any]:
+    @app.delete("/v1/archives/{stream}", dependencies=v1,
+                responses=errors(*WRITE, 404, 503))
+    def stop_archive(stream: NamePath) -> dict[str, Any]:
         archive = manager.store.stop_archive(stream)
         manager.changed()
         return archive_view(archive)
 
     # -- observation -------------------------------------------------------------
 
-    @app.get("/v1/status", dependencies=v1)
+    @app.get("/v1/status", dependencies=v1, responses=errors(*READ))
     def status() -> dict[str, Any]:
         reconciler = manager.reconciler
         operations = [s.to_dict() for s in reconciler.status.values()] if reconciler else []
@@ -340,11 +417,12 @@ def create_app(manager: Manager) -> FastAPI:
             **(manager.dispatcher_view() if manager.dispatcher_view else {}),
         }
 
-    @app.get("/v1/graph", dependencies=v1, response_class=PlainTextResponse)
+    @app.get("/v1/graph", dependencies=v1, response_class=PlainTextResponse,
+             responses=errors(*READ))
     def graph(format: Literal["mermaid", "dot"] = "mermaid") -> str:
         return render_graph(manager.store.streams(), manager.store.operations(), format)
 
-    @app.get("/v1/health")
+    @app.get("/v1/health", responses=errors(*PUBLIC))
     def health() -> dict[str, str]:
         return {"status": "ok"}
 

@@ -73,7 +73,8 @@ cli.add_command(dead)
 
 
 def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: bool,
-           stack: str | None = None, project_dir: Path | None = None) -> None:
+           stack: str | None = None, project_dir: Path | None = None,
+           allowed_hosts: tuple[str, ...] = (), max_request_bytes: int | None = None) -> None:
     # The server's web stack is imported only to serve: the data verbs stay light.
     from .server import ServerConfig, ServerError, serve
 
@@ -84,7 +85,7 @@ def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: boo
     # boto's own INFO lines (credentials found, ...) would drown the manager's.
     logging.getLogger("botocore").setLevel(logging.WARNING)
     config = ServerConfig(state_dir(state), _broker_url(), host, port, dispatcher, stack,
-                          project_dir)
+                          project_dir, allowed_hosts, max_request_bytes)
     try:
         serve(config, banner=banner)
     except ServerError as exc:
@@ -94,7 +95,17 @@ def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: boo
 @cli.command()
 @click.option("--state-dir", help="Where declarations live (env STREAMBOSS_STATE_DIR).")
 @click.option("--host", default=DEFAULT_HOST, show_default=True,
-              help="Address to bind; anything but loopback requires STREAMBOSS_TOKEN.")
+              help="Address to bind. Beyond loopback STREAMBOSS_TOKEN is required; on "
+                   "loopback without it the manager generates a token in its state directory, "
+                   "where the CLI on this machine finds it.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A host name clients use in the manager's URL (repeatable; env "
+                   "STREAMBOSS_ALLOWED_HOSTS, comma-separated). Loopback names, the bind "
+                   "address and, bound to 0.0.0.0 or ::, any IP address are always "
+                   "answered; a request naming another Host is refused (DNS rebinding).")
+@click.option("--max-request-bytes", type=click.IntRange(min=1024), metavar="BYTES",
+              help="Refuse request bodies over this size (env STREAMBOSS_MAX_REQUEST_BYTES) "
+                   "[1048576].")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
 @click.option("--dispatcher", type=click.Choice(["local", "aws"]), default="local",
               show_default=True,
@@ -103,7 +114,8 @@ def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: boo
               help="The Pulumi stack the aws dispatcher updates (required with aws).")
 @click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path),
               help="The directory holding Pulumi.yaml [the checkout's root].")
-def manager(state_dir: str | None, host: str, port: int, dispatcher: str, stack: str | None,
+def manager(state_dir: str | None, host: str, allowed_hosts: tuple[str, ...],
+            max_request_bytes: int | None, port: int, dispatcher: str, stack: str | None,
             project_dir: Path | None) -> None:
     """Run the stream manager: HTTP API, reconciler and dispatcher.
 
@@ -116,7 +128,8 @@ def manager(state_dir: str | None, host: str, port: int, dispatcher: str, stack:
     if dispatcher != "aws" and (stack or project_dir):
         raise click.UsageError("--stack and --project-dir apply only to --dispatcher aws")
     _serve(state_dir, host, port, dispatcher, banner=False, stack=stack,
-           project_dir=project_dir)
+           project_dir=project_dir, allowed_hosts=allowed_hosts,
+           max_request_bytes=max_request_bytes)
 
 
 @cli.command()

@@ -18,11 +18,13 @@ import uvicorn
 from streamboss.agent.config import ConfigError, consumer_timeout_limit, redact
 from streamboss.agent.isolation import make_non_dumpable
 
+from . import api_token
 from .api import Manager, create_app
 from .broker import Broker
 from .client import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
 from .dispatch_aws import AwsDispatcher
 from .dispatch_local import LocalDispatcher
+from .http_guard import GuardConfigError, GuardPolicy, parse_allowed_hosts, parse_max_body
 from .paths import archives_dir, objects_dir
 from .private_files import open_private, private_dir
 from .pulumi_stack import PulumiStack, PulumiUnavailable, check_stack_name, default_project_dir
@@ -50,6 +52,10 @@ class ServerConfig:
     # for the aws dispatcher only.
     stack: str | None = None
     project_dir: Path | None = None
+    # Host names beyond loopback the API answers to (--allowed-host), and the request
+    # body limit in bytes (--max-request-bytes; None: STREAMBOSS_MAX_REQUEST_BYTES or 1 MiB).
+    allowed_hosts: tuple[str, ...] = ()
+    max_request_bytes: int | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -62,15 +68,53 @@ def is_loopback(host: str) -> bool:
 
 
 def token_for(host: str) -> str | None:
-    """The bearer token: required when binding beyond loopback, optional otherwise.
+    """The bearer token from ``STREAMBOSS_TOKEN``; None means: generate one (loopback).
 
     Raises:
-        ServerError: a non-loopback bind without ``STREAMBOSS_TOKEN``.
+        ServerError: a non-loopback bind without ``STREAMBOSS_TOKEN``: clients on other
+            machines need a token the operator chose and handed out.
     """
     token = os.environ.get(TOKEN_ENV) or None
     if token is None and not is_loopback(host):
         raise ServerError(f"binding the manager to {host} requires a token: set {TOKEN_ENV} "
                           "(clients send it as a bearer token)")
+    return token
+
+
+def guard_policy(config: ServerConfig, token: str) -> GuardPolicy:
+    """What the HTTP guard lets in (see manager/http_guard.py).
+
+    Raises:
+        ServerError: a malformed --allowed-host or body limit.
+    """
+    try:
+        return GuardPolicy.for_bind(config.host, token, parse_allowed_hosts(config.allowed_hosts),
+                                    parse_max_body(config.max_request_bytes))
+    except GuardConfigError as exc:
+        raise ServerError(str(exc)) from None
+
+
+def local_token(config: ServerConfig) -> str:
+    """The token this manager generated (once; kept in its state directory), with the
+    pointer the CLI on this machine follows to it.
+
+    Raises:
+        ServerError: the state directory cannot hold it.
+    """
+    try:
+        token = api_token.load_or_create(config.state_dir)
+    except OSError as exc:
+        raise ServerError(f"cannot keep the API token in {config.state_dir} "
+                          f"({exc.strerror or exc}): pass a writable --state-dir or set "
+                          f"{TOKEN_ENV}") from None
+    try:
+        api_token.publish_pointer(config.port, config.state_dir)
+    except OSError as exc:
+        # The CLI still finds the token in the state directory when it runs from the
+        # manager's directory (or with --state-dir / STREAMBOSS_STATE_DIR).
+        log.warning("cannot leave a pointer to the API token in %s (%s): the CLI finds the "
+                    "token only through the state directory", api_token.pointer_dir(),
+                    exc.strerror or exc)
     return token
 
 
@@ -147,12 +191,21 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
     if config.dispatcher not in ("local", "aws"):
         raise ServerError(f"unknown dispatcher {config.dispatcher!r}: use local or aws")
     token = token_for(config.host)
+    # Checked before anything is written: a typo in a host name is the operator's to fix.
+    guard_policy(config, token or "")
     try:
         consumer_timeout = consumer_timeout_limit()
     except ConfigError as exc:
         raise ServerError(str(exc)) from None
     check_port_free(config.host, config.port)
     lock = lock_state_dir(config.state_dir)
+    generated = token is None
+    if token is None:
+        token = local_token(config)
+    else:
+        # A pointer left for this port by an earlier manager with a generated token
+        # would send the CLI a token this one does not take.
+        api_token.withdraw_pointer(config.port)
     store = Store(config.state_dir)
     local = LocalDispatcher(config.state_dir, config.broker_url)
     dispatcher: LocalDispatcher | AwsDispatcher = local
@@ -167,7 +220,7 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
                       archive_store,
                       dispatcher.describe if isinstance(dispatcher, AwsDispatcher) else None,
                       consumer_timeout)
-    app = create_app(manager)
+    app = create_app(manager, guard_policy(config, token))
     url = f"http://{config.host}:{config.port}"
     if banner:
         objects = objects_dir(config.state_dir)
@@ -179,6 +232,9 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
               f"  objects       file://{objects}\n"
               f"  archives      {archive_store}\n"
               f"  agent logs    {config.state_dir / 'logs'}\n"
+              f"  API token     "
+              + (f"{api_token.token_file(config.state_dir)} (the CLI on this machine "
+                 f"reads it)\n" if generated else f"from {TOKEN_ENV}\n") +
               f"In another shell: export STREAMBOSS_URL={url}; streamboss --help\n"
               f"Ctrl-C stops the manager and every agent it started.", flush=True)
     if threading.current_thread() is threading.main_thread():
@@ -200,4 +256,6 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
         manager.broker.close()
         reconciler.broker.close()
         store.close()
+        if generated:
+            api_token.withdraw_pointer(config.port, config.state_dir)
         lock.close()

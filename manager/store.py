@@ -89,6 +89,23 @@ class StoreError(ValueError):
         self.status = status
 
 
+# The largest id SQLite stores: a larger number names no definition.
+MAX_ID = 2**63 - 1
+
+
+def _is_id(ref: str) -> bool:
+    """Whether ``ref`` is a definition id (ASCII digits; '²' is a digit to str.isdigit)."""
+    return ref.isascii() and ref.isdigit()
+
+
+def definition_id(ref: str) -> int | None:
+    """``ref`` as a definition id, or None when it is a name or out of SQLite's range."""
+    if not _is_id(ref):
+        return None
+    ident = int(ref)
+    return ident if ident <= MAX_ID else None
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -331,8 +348,11 @@ class Store:
     def get_definition(self, ref: str | int) -> Definition | None:
         """A definition by numeric id, or the newest version of a name."""
         ref = str(ref)
-        if ref.isdigit():
-            row = self._db.execute("SELECT * FROM definitions WHERE id = ?", (int(ref),)).fetchone()
+        ident = definition_id(ref)
+        if ident is not None:
+            row = self._db.execute("SELECT * FROM definitions WHERE id = ?", (ident,)).fetchone()
+        elif _is_id(ref):
+            return None  # an id beyond any SQLite holds
         else:
             row = self._db.execute(
                 "SELECT * FROM definitions WHERE name = ? ORDER BY version DESC LIMIT 1",
@@ -350,9 +370,10 @@ class Store:
             StoreError: unknown (404) or in use without ``force`` (409).
         """
         with self._write() as db:
-            if ref.isdigit():
+            if _is_id(ref):
+                ident = definition_id(ref)
                 ids = [r["id"] for r in db.execute("SELECT id FROM definitions WHERE id = ?",
-                                                   (int(ref),))]
+                                                   (ident,))] if ident is not None else []
             else:
                 ids = [r["id"] for r in db.execute("SELECT id FROM definitions WHERE name = ?",
                                                    (ref,))]

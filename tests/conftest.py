@@ -30,6 +30,7 @@ import pika.exceptions
 import pytest
 
 from streamboss.agent.naming import operation_queue_arguments
+from streamboss.manager import api_token
 from tools.chaos import chain as chaos_chain
 
 BROKER_URL = os.environ.get("STREAMBOSS_TEST_BROKER_URL",
@@ -603,6 +604,9 @@ class ManagerProcess:
         self.url = f"http://127.0.0.1:{port}"
         # Extra environment for the manager (and so for its agents and archivers).
         self.extra_env: dict[str, str] = {}
+        # What starts it: `streamboss`, or a stand-in that runs the same manager
+        # differently (tests/inert_manager.py starts no processes).
+        self.command: list[str] = list(MANAGER)
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -612,6 +616,9 @@ class ManagerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBOSS_")}
         env["STREAMBOSS_BROKER_URL"] = self.broker_url
         env["STREAMBOSS_URL"] = self.url
+        # The pointer a manager leaves for the CLI to its generated token (per port, in
+        # the user's state directory) stays in the test's directory.
+        env["XDG_STATE_HOME"] = str(self.state_dir.parent / "xdg-state")
         if self.token:
             env["STREAMBOSS_TOKEN"] = self.token
         env.update(self.extra_env)
@@ -623,7 +630,7 @@ class ManagerProcess:
         if self._log is not None:
             self._log.close()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
-        argv = [*MANAGER, "manager", "--port", str(self.port), "--state-dir",
+        argv = [*self.command, "manager", "--port", str(self.port), "--state-dir",
                 str(self.state_dir), "--host", self.host]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=self._log, env=self.env(),
@@ -694,8 +701,14 @@ class ManagerProcess:
                               text=True, timeout=timeout, input=input,
                               env={**self.env(), **(env or {})}, cwd=TOOLS)
 
+    def bearer(self) -> str | None:
+        """The token the manager wants: the test's, or the one it generated (read from its
+        state directory once it has started)."""
+        return self.token or api_token.read(self.state_dir)
+
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        token = self.bearer()
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {**self.headers(), **kwargs.pop("headers", {})}

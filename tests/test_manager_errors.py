@@ -207,4 +207,5 @@ def test_a_bad_scaling_policy(manager: ManagerProcess, names, definition_id: str
         refused(manager.cli("create-operation", names("op"), definition_id, source,
                             names("out"), "--min", "3", "--max", "2"), "min (3) is above max (2)")
         refused(manager.cli("create-operation", names("op"), definition_id, source,
-                            names("out"), "--target-backlog", "0"), "at least 1")
+                            names("out"), "--target-backlog", "0"),
+                "target_backlog_per_agent", "greater than or equal to 1")

@@ -52,7 +52,8 @@ def test_seed_quickstart_through_the_tools_shims(manager: ManagerProcess, names,
     assert created.stdout.strip() == f"stream {mystream} created"
 
     # The seed registers its definition with a plain POST.
-    response = httpx.post(f"{manager.url}/api/process_definition/", json=SEED, timeout=30)
+    response = httpx.post(f"{manager.url}/api/process_definition/", json=SEED, timeout=30,
+                          headers=manager.headers())
     assert response.status_code == 200, response.text
     registered = response.json()
     assert registered["name"] == "upper" and isinstance(registered["id"], int)

@@ -19,7 +19,7 @@ import pytest
 
 from streamboss.manager.store import Store
 
-from .conftest import ManagerPool, op_queue, stream_exchange, wait_until
+from .conftest import ManagerPool, ManagerProcess, op_queue, stream_exchange, wait_until
 
 SEED = {"definition": {"exec": "cat", "application": "x", "name": "cat"}}
 THREADS = 8
@@ -127,8 +127,8 @@ def test_many_threads_write_and_read_without_errors(store: Store) -> None:
 class Client:
     """One API client on a thread; counts every status code it got."""
 
-    def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url, timeout=60)
+    def __init__(self, manager: ManagerProcess) -> None:
+        self.http = httpx.Client(base_url=manager.url, headers=manager.headers(), timeout=60)
         self.codes: Counter[int] = Counter()
         self.failures: list[str] = []
 
@@ -144,14 +144,14 @@ def test_concurrent_api_writes_never_fail_and_end_consistent(managers: ManagerPo
                                                               broker) -> None:
     manager = managers.start()
     source = managers.name("src")
-    setup = Client(manager.url)
+    setup = Client(manager)
     assert setup.call("POST", "/v1/streams", json={"name": source}).status_code == 201
     definition = setup.call("POST", "/v1/definitions", json=SEED).json()["id"]
     plan = [[(managers.name(f"o{w}"), managers.name(f"s{w}")) for _ in range(ROUNDS)]
             for w in range(THREADS)]
-    clients = [Client(manager.url) for _ in range(THREADS)]
+    clients = [Client(manager) for _ in range(THREADS)]
     stop = threading.Event()
-    watcher = Client(manager.url)
+    watcher = Client(manager)
 
     # Every round declares a stream, every third also an operation on it (each
     # operation is three queues on the broker, two of them quorum queues: enough
@@ -229,7 +229,7 @@ def test_concurrent_api_writes_never_fail_and_end_consistent(managers: ManagerPo
 def test_a_declaration_the_broker_refuses_is_never_seen(managers: ManagerPool,
                                                         broker) -> None:
     manager = managers.start()
-    client = Client(manager.url)
+    client = Client(manager)
     source, output, operation = (managers.name("in"), managers.name("out"),
                                  managers.name("refused"))
     assert client.call("POST", "/v1/streams", json={"name": source}).status_code == 201
@@ -240,7 +240,7 @@ def test_a_declaration_the_broker_refuses_is_never_seen(managers: ManagerPool,
     broker.channel.queue_declare(op_queue(operation), exclusive=True)
     stop = threading.Event()
     sightings: list[str] = []
-    watcher = Client(manager.url)
+    watcher = Client(manager)
 
     def watch() -> None:
         while not stop.is_set():

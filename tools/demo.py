@@ -22,6 +22,10 @@ from pathlib import Path
 
 import httpx
 
+from streamboss.manager.api_token import token_file
+from streamboss.manager.client import token_for
+from streamboss.manager.paths import CHECKOUT_STATE, STATE_DIR_ENV
+
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 URL = os.environ.get("STREAMBOSS_URL", "http://127.0.0.1:8181")
@@ -87,13 +91,21 @@ def main() -> int:
     try:
         wait_for_manager(manager)
         shim("create_stream.py", "mystream")
-        # The seed registered its definition with a plain HTTP call; that still works.
+        # The seed registered its definition with a plain HTTP call; that still works,
+        # with the token the manager generated (the shims find it by themselves).
         seed = {"definition": {"exec": "tr [a-z] [A-Z]", "application": "demo",
                                "name": "upper"}}
-        registered = httpx.post(f"{URL}/api/process_definition/", json=seed, timeout=10).json()
-        print(f"$ curl -X POST {URL}/api/process_definition/ -d '{json.dumps(seed)}'\n"
+        token = token_for(URL)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        registered = httpx.post(f"{URL}/api/process_definition/", json=seed, headers=headers,
+                                timeout=10).json()
+        state = Path(os.environ.get(STATE_DIR_ENV) or ROOT / CHECKOUT_STATE)
+        shown = "$STREAMBOSS_TOKEN" if os.environ.get("STREAMBOSS_TOKEN") else \
+            f"$(cat {token_file(state)})"
+        print(f"$ curl -X POST {URL}/api/process_definition/ -H \"Authorization: Bearer "
+              f"{shown}\" -d '{json.dumps(seed)}'\n"
               f"  {json.dumps(registered)}")
-        declared = httpx.get(f"{URL}/v1/operations", timeout=10).json()
+        declared = httpx.get(f"{URL}/v1/operations", headers=headers, timeout=10).json()
         if any(op["name"] == "my-operation" for op in declared):  # left by an earlier run
             shim("remove_operation.py", "my-operation")
         shim("create_operation.py", "my-operation", str(registered["id"]), "mystream",

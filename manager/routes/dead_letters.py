@@ -9,15 +9,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 
 from streamboss.agent.naming import dead_queue
 
 from .. import dead_letters
+from ..api_models import NAME_SCHEMA, READ, WRITE, errors
 from ..store import StoreError
 
 if TYPE_CHECKING:
     from ..api import Manager
+
+
+# An operation's name in a path: the pattern is the schema's; any other is a 404.
+OperationPath = Annotated[str, Path(json_schema_extra=NAME_SCHEMA)]
 
 
 def router(manager: Manager) -> APIRouter:
@@ -30,25 +35,26 @@ def router(manager: Manager) -> APIRouter:
                              "operations` shows the declared ones", 404)
         return operation
 
-    @routes.get("")
+    @routes.get("", responses=errors(*READ, 404, 503))
     def list_dead_letters(operation: Annotated[str | None, Query(
-            description="only this operation")] = None) -> list[dict[str, Any]]:
+            description="only this operation", json_schema_extra=NAME_SCHEMA)] = None
+            ) -> list[dict[str, Any]]:
         """Per operation: dead letters held, the oldest one's time, and counts by
         path and by reason among the first ``scanned``."""
         names = [known(operation)] if operation is not None else \
             [op.name for op in manager.store.operations()]
         return dead_letters.summaries(manager.broker.url, names)
 
-    @routes.get("/{operation}")
-    def show_dead_letters(operation: str, count: Annotated[int, Query(
+    @routes.get("/{operation}", responses=errors(*READ, 404, 503))
+    def show_dead_letters(operation: OperationPath, count: Annotated[int, Query(
             ge=1, le=dead_letters.SHOW_LIMIT, description="how many, from the head")]
             = dead_letters.SHOW_DEFAULT) -> dict[str, Any]:
         """The first ``count`` dead letters with headers and bodies; they stay in
         the queue, in their order."""
         return dead_letters.show(manager.broker.url, known(operation), count)
 
-    @routes.post("/{operation}/requeue")
-    def requeue_dead_letters(operation: str, count: Annotated[int | None, Query(
+    @routes.post("/{operation}/requeue", responses=errors(*WRITE, 404, 409, 503))
+    def requeue_dead_letters(operation: OperationPath, count: Annotated[int | None, Query(
             ge=1, description="how many, from the head [all held now]")] = None
             ) -> dict[str, Any]:
         """Move dead letters back into the operation's input queue, attempts reset,
@@ -58,8 +64,8 @@ def router(manager: Manager) -> APIRouter:
         except dead_letters.RequeueError as exc:
             raise HTTPException(409, str(exc)) from None
 
-    @routes.delete("/{operation}")
-    def purge_dead_letters(operation: str) -> dict[str, Any]:
+    @routes.delete("/{operation}", responses=errors(*WRITE, 404, 503))
+    def purge_dead_letters(operation: OperationPath) -> dict[str, Any]:
         """Delete every dead letter of the operation."""
         purged = dead_letters.purge(manager.broker.url, known(operation))
         return {"operation": operation, "queue": dead_queue(operation),

@@ -61,6 +61,7 @@ import pika.channel
 import pika.exceptions
 from pika.spec import Basic
 
+from streamboss.manager import api_token
 from tools.bench.probe import CpuMeter, Names
 from tools.bench.relays import PERSISTENT, body, parameters
 from tools.bench.report import render_timeline
@@ -157,9 +158,17 @@ class ManagerProcess:
                                    + self.log_tail())
             with contextlib.suppress(httpx.HTTPError):
                 if self.http.get("/v1/health").status_code == 200:
+                    self.authorize()
                     return time.monotonic() - started
             time.sleep(0.05)
         raise ManagerError(f"manager not answering on port {self.port} after {timeout:.0f} s")
+
+    def authorize(self) -> None:
+        """Send the token the manager generated (it is up, so the file is there)."""
+        token = api_token.read(self.state_dir)
+        if token is None:
+            raise ManagerError(f"no API token in {self.state_dir}")
+        self.http.headers["Authorization"] = f"Bearer {token}"
 
     def log_tail(self, chars: int = 1200) -> str:
         with contextlib.suppress(OSError):

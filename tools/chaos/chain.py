@@ -20,6 +20,8 @@ from typing import Any, TextIO
 
 import httpx
 
+from streamboss.manager import api_token
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Every body is this long: small enough that 20,000 of them are no strain on a
@@ -211,6 +213,11 @@ class Manager:
                 raise ManagerError(f"the manager exited; see {self.log_path}")
             with contextlib.suppress(httpx.HTTPError):
                 if self.http.get("/v1/health", timeout=2).status_code == 200:
+                    # The token the manager generated (it is up, so the file is there).
+                    token = api_token.read(self.state_dir)
+                    if token is None:
+                        raise ManagerError(f"no API token in {self.state_dir}")
+                    self.http.headers["Authorization"] = f"Bearer {token}"
                     return
             time.sleep(0.1)
         raise ManagerError(f"the manager did not answer within {timeout:.0f} s; "
