@@ -76,6 +76,12 @@ def _env_name(value: str) -> str:
 STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
+def strict_with_examples(*examples: dict[str, Any]) -> ConfigDict:
+    """STRICT, with examples for the document (and for schemathesis's examples phase)."""
+    return ConfigDict(strict=True, extra="forbid", allow_inf_nan=False,
+                      json_schema_extra={"examples": list(examples)})
+
+
 class ErrorOut(BaseModel):
     """Every refusal but a 422: one line naming the thing and the fix."""
 
@@ -86,7 +92,7 @@ class ErrorOut(BaseModel):
 
 
 class StreamIn(BaseModel):
-    model_config = STRICT
+    model_config = strict_with_examples({"name": "words"})
     name: Name
 
 
@@ -105,7 +111,7 @@ class DefinitionIn(BaseModel):
     """A process definition (agent/config.py parse_definition holds the rules). Names with
     '-' instead of '_' are accepted too (``max-attempts``)."""
 
-    model_config = STRICT
+    model_config = strict_with_examples({"exec": "tr a-z A-Z", "name": "upper"})
 
     exec: Command | Annotated[list[Text], Field(min_length=1, max_length=256)] = Field(
         description="the program and its arguments: a command line (split like a shell "
@@ -134,7 +140,8 @@ class DefinitionIn(BaseModel):
 class SeedDefinitionIn(BaseModel):
     """The seed's registration form: the definition under ``definition``."""
 
-    model_config = STRICT
+    model_config = strict_with_examples(
+        {"definition": {"exec": "tr [a-z] [A-Z]", "application": "demo", "name": "upper"}})
     definition: DefinitionIn
 
 
@@ -187,7 +194,9 @@ class PolicyIn(BaseModel):
 
 
 class OperationIn(BaseModel):
-    model_config = STRICT
+    model_config = strict_with_examples({"name": "shout", "definition": "upper",
+                                         "input": "words", "output": "loud-words",
+                                         "policy": {"max": 2}})
     name: Name
     definition: Annotated[str, Field(
         description="definition id or name (newest version)", json_schema_extra=NAME_SCHEMA)]
@@ -200,7 +209,7 @@ class OperationIn(BaseModel):
 
 
 class ArchiveIn(BaseModel):
-    model_config = STRICT
+    model_config = strict_with_examples({"stream": "words", "segment_seconds": 60})
     stream: Name
     store: Annotated[str, Field(min_length=1, max_length=MAX_STORE_URL, json_schema_extra={
         "pattern": "^(file|s3)://[^\\u0000]*$"}), AfterValidator(_no_nul)] | None = Field(
@@ -208,7 +217,7 @@ class ArchiveIn(BaseModel):
                                   "the manager's")
     segment_bytes: SegmentBytes | None = Field(
         default=None, description=f"roll a segment at this size [{DEFAULT_SEGMENT_BYTES}]")
-    segment_seconds: Annotated[float, Field(gt=0, le=MAX_SEGMENT_SECONDS)] | None = Field(
+    segment_seconds: Annotated[float, Field(ge=0.001, le=MAX_SEGMENT_SECONDS)] | None = Field(
         default=None, description="roll a segment this long after its first message [60]")
 
 

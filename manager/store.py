@@ -323,7 +323,8 @@ class Store:
             raise StoreError(str(exc)) from None
         body = data["definition"] if isinstance(data.get("definition"), dict) else data
         body = {k.replace("-", "_"): v for k, v in body.items()}
-        def_name = name or parsed.name
+        # An empty ?name= is a bad name, not a missing one.
+        def_name = name if name is not None else parsed.name
         if not def_name:
             raise StoreError("process definition needs a 'name' (or pass --name)")
         _name("process definition", def_name)
