@@ -56,9 +56,17 @@ def build(config: pulumi.Config) -> Program:
     parameters = f"/streamboss/{stack}"
     region = aws.get_region_output().region
 
+    # Storage first: the network's S3 endpoint admits these buckets only (storage
+    # depends on nothing of the network's, so there is no cycle).
+    storage = Storage("storage", StorageArgs(
+        archive_transition_days=settings.archive_transition_days,
+        archive_storage_class=settings.archive_storage_class,
+        archive_noncurrent_expiration_days=settings.archive_noncurrent_expiration_days,
+        objects_expiration_days=settings.objects_expiration_days, tags=tags))
     network = Network("network", NetworkArgs(
         vpc_cidr=settings.vpc_cidr, vpc_id=settings.vpc_id, subnet_ids=settings.subnet_ids,
-        availability_zones=settings.availability_zones, tags=tags))
+        availability_zones=settings.availability_zones,
+        s3_bucket_arns=[storage.archive.arn, storage.objects.arn], tags=tags))
     groups = SecurityGroups("nodes", SecurityGroupsArgs(
         vpc_id=network.vpc_id, vpc_cidr=network.vpc_cidr,
         manager_api_cidrs=settings.manager_api_cidrs, tags=tags))
@@ -71,11 +79,6 @@ def build(config: pulumi.Config) -> Program:
         engine_version=settings.broker_engine_version,
         username=settings.broker_username, password=settings.broker_password,
         secret_parameter_name=f"{parameters}/broker-url", tags=tags))
-    storage = Storage("storage", StorageArgs(
-        archive_transition_days=settings.archive_transition_days,
-        archive_storage_class=settings.archive_storage_class,
-        archive_noncurrent_expiration_days=settings.archive_noncurrent_expiration_days,
-        objects_expiration_days=settings.objects_expiration_days, tags=tags))
     manager = ManagerNode("manager", ManagerNodeArgs(
         subnet_ids=network.private_subnet_ids, security_group_id=groups.manager_id,
         image=find_image(MANAGER_ROLE, settings.manager_ami, settings.ami_owners),

@@ -5,11 +5,20 @@ private, agents only dial out, and the manager's API is reached from inside the
 VPC (or from the CIDRs allowed in ``security_groups.py``). So a new VPC gets
 private subnets only, with no internet or NAT gateway, and VPC endpoints for
 the AWS APIs the nodes call (S3, SSM Parameter Store, CloudWatch metrics).
+
+The S3 gateway endpoint carries every S3 request the VPC makes, so its policy is
+a second fence around the data: only the stack's own buckets (archive and
+objects), and only the S3 actions the node roles use. Credentials of any account
+(a stolen key, an attacker's own) cannot move data through it into another
+bucket, and a node role widened by mistake still reaches nothing else.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pulumi
@@ -26,6 +35,37 @@ SUBNET_EXTRA_BITS = 4
 # (monitoring) and reads the agent groups' sizes (autoscaling).
 INTERFACE_ENDPOINT_SERVICES = ("ssm", "monitoring", "autoscaling")
 HTTPS_PORT = 443
+# The S3 actions nodes use, the union of the node roles' S3 statements
+# (manager_node.py, operation_pool.py): objects read, written (multipart uploads
+# included), deleted and aborted; buckets listed (S3 answers 404, not 403, for a
+# missing object only with ListBucket).
+S3_OBJECT_ACTIONS = ("s3:AbortMultipartUpload", "s3:DeleteObject", "s3:GetObject",
+                     "s3:PutObject")
+S3_BUCKET_ACTIONS = ("s3:ListBucket",)
+
+
+def s3_endpoint_policy(bucket_arns: Sequence[str]) -> str:
+    """The S3 gateway endpoint's policy: :data:`S3_OBJECT_ACTIONS` on the objects of
+    ``bucket_arns`` and :data:`S3_BUCKET_ACTIONS` on the buckets, nothing else.
+
+    Raises:
+        ValueError: no bucket, or a bucket ARN that is not one (an endpoint policy
+            that named ``*`` would let anything through).
+    """
+    arns = sorted(set(bucket_arns))
+    if not arns:
+        raise ValueError("the S3 endpoint policy needs the stack's bucket ARNs")
+    for arn in arns:
+        if not re.fullmatch(r"arn:aws[a-z-]*:s3:::[a-z0-9][a-z0-9.-]*", arn):
+            raise ValueError(f"{arn!r} is not an S3 bucket ARN")
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        # Principal "*": an endpoint policy restricts every caller; each node's own
+        # role still decides what that node may do within this.
+        {"Sid": "StackObjects", "Effect": "Allow", "Principal": "*",
+         "Action": list(S3_OBJECT_ACTIONS), "Resource": [f"{arn}/*" for arn in arns]},
+        {"Sid": "StackBuckets", "Effect": "Allow", "Principal": "*",
+         "Action": list(S3_BUCKET_ACTIONS), "Resource": arns},
+    ]}, sort_keys=True)
 
 
 def private_subnet_cidrs(vpc_cidr: str, count: int = ZONE_COUNT) -> list[str]:
@@ -45,6 +85,8 @@ class NetworkArgs:
         subnet_ids: the existing VPC's private subnets (with ``vpc_id``), in
             distinct availability zones.
         availability_zones: zones for the new subnets; empty for the region's first two.
+        s3_bucket_arns: the stack's buckets, the only ones the new VPC's S3 endpoint
+            reaches (required with a new VPC; an existing VPC's endpoints are its owner's).
         tags: tags for every resource.
     """
 
@@ -52,6 +94,7 @@ class NetworkArgs:
     vpc_id: str | None = None
     subnet_ids: tuple[str, ...] = ()
     availability_zones: tuple[str, ...] = ()
+    s3_bucket_arns: Sequence[pulumi.Input[str]] = ()
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -83,6 +126,9 @@ class Network(pulumi.ComponentResource):
                                "private_subnet_ids": self.private_subnet_ids})
 
     def _create(self, name: str, args: NetworkArgs) -> None:
+        if not args.s3_bucket_arns:
+            raise ValueError("a new VPC's S3 endpoint needs the stack's bucket ARNs "
+                             "(NetworkArgs.s3_bucket_arns)")
         child = pulumi.ResourceOptions(parent=self)
         vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=args.vpc_cidr,
                           # Interface endpoints answer under the services' own names.
@@ -112,7 +158,10 @@ class Network(pulumi.ComponentResource):
         region = aws.get_region_output(opts=pulumi.InvokeOutputOptions(parent=self)).region
         aws.ec2.VpcEndpoint(f"{name}-s3", vpc_id=vpc.id, vpc_endpoint_type="Gateway",
                             service_name=region.apply(lambda r: f"com.amazonaws.{r}.s3"),
-                            route_table_ids=[routes.id], tags=args.tags, opts=child)
+                            route_table_ids=[routes.id],
+                            policy=pulumi.Output.all(*args.s3_bucket_arns).apply(
+                                s3_endpoint_policy),
+                            tags=args.tags, opts=child)
         endpoint_sg = aws.ec2.SecurityGroup(
             f"{name}-endpoints", vpc_id=vpc.id,
             description="AWS API endpoints: HTTPS from inside the VPC only",

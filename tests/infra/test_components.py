@@ -15,7 +15,7 @@ from infra.broker import Broker, BrokerArgs, broker_url
 from infra.iam import PolicyError, policy_document, role_name_prefix, statement
 from infra.launch import AGENT_ROLE, LaunchTemplateArgs, find_image, secure_launch_template
 from infra.manager_node import STATE_DEVICE, ManagerNode, ManagerNodeArgs
-from infra.network import Network, NetworkArgs, private_subnet_cidrs
+from infra.network import Network, NetworkArgs, private_subnet_cidrs, s3_endpoint_policy
 from infra.operation_pool import OperationPool, OperationPoolArgs, object_prefixes
 from infra.operations import parse_operations
 from infra.security_groups import MANAGER_API_PORT, SecurityGroups, SecurityGroupsArgs
@@ -34,6 +34,9 @@ from .conftest import (
 )
 
 # -- helpers ---------------------------------------------------------------------------------
+
+BUCKET_ARNS = ("arn:aws:s3:::stack-archive", "arn:aws:s3:::stack-objects")
+
 
 
 def cloud_config(template: Any) -> dict[str, Any]:
@@ -66,7 +69,8 @@ def image() -> pulumi.Output[Any]:
 
 
 def test_a_new_network_is_private_subnets_in_two_zones(stack):
-    subnets = stack.run(lambda: Network("net", NetworkArgs(vpc_cidr="10.40.0.0/16"))
+    subnets = stack.run(lambda: Network("net", NetworkArgs(vpc_cidr="10.40.0.0/16",
+                                                           s3_bucket_arns=BUCKET_ARNS))
                         .private_subnet_ids)
 
     (vpc,) = stack.of_type("aws:ec2/vpc:Vpc")
@@ -93,7 +97,8 @@ def test_a_new_network_is_private_subnets_in_two_zones(stack):
 
 def test_configured_zones_are_used(stack):
     stack.run(lambda: Network("net", NetworkArgs(vpc_cidr="10.1.0.0/24",
-                                                 availability_zones=("z-b", "z-c"))).vpc_id)
+                                                 availability_zones=("z-b", "z-c"),
+                                                 s3_bucket_arns=BUCKET_ARNS)).vpc_id)
     declared = sorted(stack.of_type("aws:ec2/subnet:Subnet"), key=lambda s: s.name)
     assert [s.inputs["availabilityZone"] for s in declared] == ["z-b", "z-c"]
     assert [s.inputs["cidrBlock"] for s in declared] == ["10.1.0.0/28", "10.1.0.16/28"]
@@ -110,6 +115,38 @@ def test_an_existing_vpc_is_used_as_is(stack):
 
     assert stack.run(declare) == ["vpc-1", "172.31.0.0/16", ["subnet-a", "subnet-b"]]
     assert {d.type for d in stack.declared} == {"streamboss:infra:Network"}
+
+
+def test_the_s3_endpoint_reaches_only_the_stacks_buckets_with_the_nodes_actions(stack):
+    stack.run(lambda: Network("net", NetworkArgs(vpc_cidr="10.40.0.0/16",
+                                                 s3_bucket_arns=BUCKET_ARNS)).vpc_id)
+    (endpoint,) = [e for e in stack.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")
+                   if e.inputs["vpcEndpointType"] == "Gateway"]
+    policy = json.loads(endpoint.inputs["policy"])
+    resources = {r for st in policy["Statement"] for r in st["Resource"]}
+    assert resources == {*BUCKET_ARNS, *(f"{arn}/*" for arn in BUCKET_ARNS)}
+    assert "*" not in json.dumps(policy).replace('"Principal": "*"', "").replace("/*", "")
+    by_sid = {st["Sid"]: st for st in policy["Statement"]}
+    assert set(by_sid) == {"StackObjects", "StackBuckets"}
+    assert all(st["Effect"] == "Allow" and "Condition" not in st for st in by_sid.values())
+    assert by_sid["StackObjects"]["Resource"] == [f"{arn}/*" for arn in sorted(BUCKET_ARNS)]
+    assert sorted(by_sid["StackObjects"]["Action"]) == [
+        "s3:AbortMultipartUpload", "s3:DeleteObject", "s3:GetObject", "s3:PutObject"]
+    assert by_sid["StackBuckets"] == {"Sid": "StackBuckets", "Effect": "Allow",
+                                      "Principal": "*", "Action": ["s3:ListBucket"],
+                                      "Resource": sorted(BUCKET_ARNS)}
+
+
+@pytest.mark.parametrize("arns", [(), ("*",), ("arn:aws:s3:::*",), ("arn:aws:s3:::b/*",),
+                                  ("arn:aws:s3:::b", "arn:aws:iam::1:role/x")])
+def test_an_endpoint_policy_without_the_stacks_buckets_is_refused(arns):
+    with pytest.raises(ValueError):
+        s3_endpoint_policy(list(arns))
+
+
+def test_a_new_network_without_bucket_arns_is_refused(stack):
+    with pytest.raises(ValueError, match="bucket ARNs"):
+        stack.run(lambda: Network("net", NetworkArgs(vpc_cidr="10.40.0.0/16")).vpc_id)
 
 
 def test_subnet_cidrs_are_the_first_sixteenths():

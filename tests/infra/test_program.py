@@ -141,6 +141,7 @@ def test_no_policy_grants_a_wildcard_action_on_every_resource(stack):
     roles = ["manager", *(f"agents-{op}" for op in OPERATIONS)]
     assert sorted(name for name, _ in documents) == sorted([
         "storage-archive-tls-only.policy", "storage-objects-tls-only.policy",
+        "network-s3.policy",
         *(f"{role}-policy.policy" for role in roles),
         *(f"{role}-role.assumeRolePolicy" for role in roles)])
     for name, document in documents:
@@ -161,6 +162,37 @@ def test_no_policy_grants_a_wildcard_action_on_every_resource(stack):
                     continue
                 assert actions == ["cloudwatch:PutMetricData"], (name, statement)
                 assert statement["Condition"], (name, statement)
+
+
+def test_the_s3_endpoint_admits_the_stacks_two_buckets_and_every_s3_use_of_the_nodes(stack):
+    """The gateway endpoint's policy names the archive and objects buckets (and their
+    objects) and nothing else; every S3 action and resource a node role is granted lies
+    within it, so no node is cut off and a role widened by mistake still reaches only
+    these buckets."""
+    run_program(stack)
+    buckets = {b.name: b.state["arn"] for b in stack.of_type("aws:s3/bucket:Bucket")}
+    assert set(buckets) == {"storage-archive", "storage-objects"}
+    (endpoint,) = [e for e in stack.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")
+                   if e.inputs["vpcEndpointType"] == "Gateway"]
+    policy = json.loads(endpoint.inputs["policy"])
+    allowed = {(action, resource) for st in policy["Statement"] if st["Effect"] == "Allow"
+               for action in st["Action"] for resource in st["Resource"]}
+    resources = {resource for _, resource in allowed}
+    arns = set(buckets.values())
+    assert resources == arns | {f"{arn}/*" for arn in arns}, "the stack's buckets only"
+    used = 0
+    for name, document in policy_documents(stack.declared):
+        if not name.endswith("-policy.policy"):
+            continue
+        for statement in document["Statement"]:
+            for action in [a for a in statement["Action"] if a.startswith("s3:")]:
+                for resource in statement["Resource"]:
+                    # An object ARN under a prefix is admitted by the bucket's /* entry.
+                    bucket, _, key = resource.partition("/")
+                    wanted = (action, f"{bucket}/*" if key else bucket)
+                    assert wanted in allowed, (name, action, resource)
+                    used += 1
+    assert used, "the node roles use S3"
 
 
 def test_no_secret_appears_in_clear_anywhere_in_the_declared_inputs(stack):
@@ -389,7 +421,8 @@ RUNNER = textwrap.dedent("""
     class Mocks(pulumi.runtime.Mocks):
         def new_resource(self, args):
             state = dict(args.inputs)
-            state.setdefault("arn", "arn:aws:mock:::" + args.name)
+            service = "s3" if args.typ == "aws:s3/bucket:Bucket" else "mock"
+            state.setdefault("arn", f"arn:aws:{service}:::" + args.name)
             state.setdefault("name", args.name)
             state.setdefault("bucket", args.name)
             if args.typ == "aws:mq/broker:Broker":
