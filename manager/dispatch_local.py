@@ -43,6 +43,13 @@ ARCHIVER_PREFIX = "archive@"
 OUR_MODULES = (b"streamboss.agent", b"streamboss.manager.archiver")
 
 
+# A self-hosted broker has a user per role (ansible/roles/rabbitmq): the agents and
+# archivers this manager starts use their own when these are set (else the manager's
+# URL), and no child is handed another's.
+AGENT_BROKER_URL_ENV = "STREAMBOSS_AGENT_BROKER_URL"
+ARCHIVER_BROKER_URL_ENV = "STREAMBOSS_ARCHIVER_BROKER_URL"
+
+
 def archiver_pool(stream: str) -> str:
     """The pool (and pid/log file) name of ``stream``'s archiver."""
     return ARCHIVER_PREFIX + stream
@@ -254,9 +261,14 @@ class LocalDispatcher:
     def _spawn(self, name: str, args: list[str]) -> AgentProcess:
         self._sequence += 1
         env = dict(os.environ)
-        # An agent needs the broker, not the manager's API token.
+        # An agent needs the broker, not the manager's API token, nor the other roles'
+        # broker users.
         env.pop(TOKEN_ENV, None)
-        env[BROKER_URL_ENV] = self.broker_url
+        for variable in (AGENT_BROKER_URL_ENV, ARCHIVER_BROKER_URL_ENV):
+            env.pop(variable, None)
+        own = ARCHIVER_BROKER_URL_ENV if name.startswith(ARCHIVER_PREFIX) \
+            else AGENT_BROKER_URL_ENV
+        env[BROKER_URL_ENV] = os.environ.get(own) or self.broker_url
         # Large outputs go where `streamboss up` keeps objects, unless told otherwise.
         env.setdefault(OBJECT_STORE_ENV, f"file://{objects_dir(self.dir.parent)}")
         # Agents read object references only inside their store and these prefixes:
