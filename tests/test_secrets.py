@@ -483,3 +483,18 @@ def _answers(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_child_settings_come_from_the_environment_else_the_config_file(monkeypatch) -> None:
+    monkeypatch.delenv(isolation.PASS_ENV_ENV, raising=False)
+    monkeypatch.delenv(isolation.CHILD_USER_ENV, raising=False)
+    assert isolation.child_isolation({}) == ChildIsolation()
+    from_file = isolation.child_isolation({"pass_env": ["B", "A"]})
+    assert from_file.pass_env == ("A", "B") and from_file.user is None
+    monkeypatch.setenv(isolation.PASS_ENV_ENV, "C")
+    assert isolation.child_isolation({"pass_env": ["B"]}).pass_env == ("C",)
+    with pytest.raises(IsolationError, match="child_user must be a user name"):
+        isolation.child_isolation({"child_user": 5})
+    if os.geteuid() == 0 and _user_exists(NOBODY):
+        user = isolation.child_isolation({"child_user": NOBODY}).user
+        assert user is not None and user.uid == pwd.getpwnam(NOBODY).pw_uid
