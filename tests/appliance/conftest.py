@@ -39,6 +39,9 @@ import pytest
 from tests.conftest import BROKER_URL, free_port, wait_until
 from tests.requirements import require
 
+from .private_broker import PrivateBroker
+from .private_broker import available as private_broker_problem
+
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
 APPLIANCE_DIR = REPO / "appliance"
@@ -341,7 +344,9 @@ class Node:
     output: str
     manager_port: int
     manager_token: str
-    broker_user: str
+    # The rabbitmq role's target: a private node, and the host vars that point the role at it.
+    broker_node: PrivateBroker
+    broker_vars: dict[str, Any]
     user: str = SERVICE_USER
     runs: list[PlaybookRun] = field(default_factory=list)
 
@@ -432,8 +437,22 @@ def session_names() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def node(workdir: Path, test_host: SshHost, wheels: Path,
-         session_names: dict[str, str]) -> Iterator[Node]:
+def private_broker(workdir: Path) -> Iterator[PrivateBroker]:
+    """A RabbitMQ node of this session's own (tests/appliance/private_broker.py), running
+    from its bootstrap configuration until the rabbitmq role's files replace it."""
+    problem = private_broker_problem()
+    require(problem is None, problem or "")
+    broker = PrivateBroker(workdir / "rabbitmq-node", dist_port=free_port())
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def node(workdir: Path, test_host: SshHost, wheels: Path, session_names: dict[str, str],
+         private_broker: PrivateBroker) -> Iterator[Node]:
     """The test host as a stream-agent node (not yet converged): its inventory."""
     prefix = workdir / "node"
     prefix.mkdir(mode=0o755)
@@ -455,19 +474,18 @@ def node(workdir: Path, test_host: SshHost, wheels: Path,
         "stream_manager_port": free_port(),
         "stream_manager_token": f"ci-token-{uuid.uuid4().hex}",
     }
-    # The rabbitmq role writes its configuration under the prefix and, with systemd absent,
-    # restarts nothing: the machine's broker keeps running as it is. Its users are real:
-    # one of this session's (removed at the end); guest stays.
-    broker_user = f"t-site-{session_names['operation'].rsplit('-', 1)[-1]}"
+    # The rabbitmq role converges the session's private node (its rabbitmqctl is a wrapper
+    # naming that node) with every file under the prefix: the machine's shared broker is
+    # never touched. With systemd absent the role restarts nothing; role_broker restarts
+    # the node from the files the role wrote, as the role's handler would.
     broker_vars = {
         "rabbitmq_config_dir": str(prefix / "etc/rabbitmq"),
         "rabbitmq_systemd_dropin_dir": str(prefix / "etc/systemd/system/rabbitmq.service.d"),
+        "rabbitmq_ctl": str(private_broker.ctl),
         "rabbitmq_listen_address": "127.0.0.1",
-        "rabbitmq_vhosts": ["/"],
-        "rabbitmq_remove_guest": False,
-        "rabbitmq_users": [{"name": broker_user, "password": f"pw-{uuid.uuid4().hex}",
-                            "tags": ["monitoring"], "read": "^sb\\.", "write": "^sb\\.",
-                            "configure": "^sb\\."}],
+        "rabbitmq_amqps_port": free_port(),
+        "rabbitmq_management_tls_port": free_port(),
+        "rabbitmq_tls_server_names": ["localhost"],
     }
     inventory = write_inventory(workdir / "node-inventory.yml", {
         "stream_agents": {"agent-1": {**host_vars, **broker_vars}},
@@ -475,12 +493,48 @@ def node(workdir: Path, test_host: SshHost, wheels: Path,
     try:
         yield Node(prefix, inventory, **session_names,
                    manager_port=host_vars["stream_manager_port"],
-                   manager_token=host_vars["stream_manager_token"], broker_user=broker_user)
+                   manager_token=host_vars["stream_manager_token"],
+                   broker_node=private_broker, broker_vars=broker_vars)
     finally:
         _forget_topology(session_names)
-        if shutil.which("rabbitmqctl"):
-            subprocess.run(["rabbitmqctl", "--quiet", "delete_user", broker_user],
-                           capture_output=True, check=False)
+
+
+@dataclass
+class RoleBroker:
+    """The private node as the rabbitmq role left it: its TLS listeners, its CA, the
+    streamboss users' generated passwords (read from the files the role kept)."""
+
+    node: PrivateBroker
+    config_dir: Path
+    amqps_port: int
+    management_port: int
+    vhost: str = "streamboss"
+
+    @property
+    def ca(self) -> Path:
+        return self.config_dir / "tls" / "ca.crt"
+
+    def password(self, user: str) -> str:
+        return (self.config_dir / "streamboss-credentials" / user).read_text()
+
+    def url(self, user: str, host: str = "localhost") -> str:
+        return (f"amqps://{user}:{self.password(user)}@{host}:{self.amqps_port}/"
+                f"{self.vhost}")
+
+    @property
+    def management_url(self) -> str:
+        return f"https://localhost:{self.management_port}"
+
+
+@pytest.fixture(scope="session")
+def role_broker(converged: Node) -> RoleBroker:
+    """The private node restarted from the configuration the rabbitmq role wrote (what the
+    role's handler does under systemd): TLS listeners, the role's users, no guest."""
+    config_dir = Path(converged.broker_vars["rabbitmq_config_dir"])
+    converged.broker_node.restart(config_dir)
+    return RoleBroker(converged.broker_node, config_dir,
+                      converged.broker_vars["rabbitmq_amqps_port"],
+                      converged.broker_vars["rabbitmq_management_tls_port"])
 
 
 def _forget_topology(names: dict[str, str]) -> None:

@@ -38,6 +38,7 @@ from .conftest import (
     unit_environment,
     write_inventory,
 )
+from .test_broker_permissions import regexps as permission_regexps
 
 pytestmark = pytest.mark.appliance
 
@@ -106,24 +107,58 @@ def test_the_node_has_what_the_roles_promise(converged: Node, tmp_path):
     assert 'APT::Periodic::Unattended-Upgrade "1"' in (apt_dir / "20auto-upgrades").read_text()
 
 
-def test_the_broker_has_the_users_the_rabbitmq_role_declares(converged: Node):
-    require(shutil.which("rabbitmqctl") is not None,
-            "needs rabbitmqctl (the local RabbitMQ's CLI)")
-    users = json.loads(_rabbitmqctl("list_users", "--formatter", "json").stdout)
-    assert {"user": converged.broker_user, "tags": ["monitoring"]} in users
-    assert "guest" in {u["user"] for u in users}, "rabbitmq_remove_guest: false keeps guest"
-    permissions = json.loads(_rabbitmqctl("list_user_permissions", converged.broker_user,
-                                          "--formatter", "json").stdout)
-    assert permissions == [{"vhost": "/", "configure": "^sb\\.", "write": "^sb\\.",
-                            "read": "^sb\\."}]
-    config_dir = converged.prefix / "etc/rabbitmq"
-    conf = (config_dir / "rabbitmq.conf").read_text()
-    assert "listeners.tcp.default = 127.0.0.1:5672" in conf
-    assert "management.tcp.port = 15672" in conf
+def test_the_rabbitmq_role_makes_a_user_per_role_tls_files_and_no_guest(converged: Node):
+    """On the session's private node (never the shared broker): the three streamboss users
+    with exactly their role's permissions (built as test_broker_permissions.py builds
+    them), guest deleted; TLS material with its owners and modes; TLS-only listeners."""
+    broker = converged.broker_node
+    users = json.loads(broker.ctl_run("list_users", "--formatter", "json").stdout)
+    assert {u["user"]: sorted(u["tags"]) for u in users} == {
+        "streamboss-manager": ["management", "policymaker"], "streamboss-agent": [],
+        "streamboss-archiver": []}, "guest is gone"
+    for role in ("manager", "agent", "archiver"):
+        listed = json.loads(broker.ctl_run("list_user_permissions", f"streamboss-{role}",
+                                           "--formatter", "json").stdout)
+        assert listed == [{"vhost": "streamboss", **permission_regexps(role)}], role
+    config_dir = Path(converged.broker_vars["rabbitmq_config_dir"])
+    conf = (config_dir / "rabbitmq.conf").read_text().splitlines()
+    amqps = converged.broker_vars["rabbitmq_amqps_port"]
+    management = converged.broker_vars["rabbitmq_management_tls_port"]
+    assert "listeners.tcp = none" in conf
+    assert f"listeners.ssl.default = 127.0.0.1:{amqps}" in conf
+    assert f"management.ssl.port = {management}" in conf
+    assert not [line for line in conf if line.startswith(("management.tcp", "listeners.tcp."))]
     assert (config_dir / "enabled_plugins").read_text().strip() == "[rabbitmq_management]."
+    assert "ERL_EPMD_ADDRESS=127.0.0.1" in (config_dir / "rabbitmq-env.conf").read_text()
     # quorum queues hold file handles: the broker's limit is raised for its service
     limits = converged.prefix / "etc/systemd/system/rabbitmq.service.d/limits.conf"
     assert "LimitNOFILE=65536" in limits.read_text().splitlines()
+    # TLS files: the key the service user's alone, the CA key root's alone.
+    tls = config_dir / "tls"
+    rabbitmq = pwd.getpwnam("rabbitmq").pw_uid
+    expected = {tls: (0o750, 0), tls / "server.key": (0o600, rabbitmq),
+                tls / "server.crt": (0o644, 0), tls / "ca.crt": (0o644, 0),
+                tls / "ca": (0o700, 0), tls / "ca" / "ca.key": (0o600, 0)}
+    for path, mode_owner in expected.items():
+        info = path.stat()
+        assert (info.st_mode & 0o777, info.st_uid) == mode_owner, path
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tls / "ca.crt"),
+                             str(tls / "server.crt")], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    names = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in",
+                            str(tls / "server.crt")], capture_output=True, text=True).stdout
+    assert "DNS:localhost" in names
+    # Generated passwords: root's alone, one per user, 40 letters and digits, all different.
+    credentials = config_dir / "streamboss-credentials"
+    assert (credentials.stat().st_mode & 0o777, credentials.stat().st_uid) == (0o700, 0)
+    passwords = set()
+    for path in credentials.iterdir():
+        assert (path.stat().st_mode & 0o777, path.stat().st_uid) == (0o600, 0), path
+        passwords.add(path.read_text())
+        assert re.fullmatch(r"[A-Za-z0-9]{40}", path.read_text()), path.name
+    assert len(passwords) == 3
+    for run in converged.runs:
+        assert not any(password in run.output for password in passwords), "never logged"
 
 
 def test_the_units_pass_systemd_analyze_verify_and_are_sandboxed(converged: Node):
@@ -464,53 +499,61 @@ def test_upgrade_agents_drains_with_sigterm_loses_nothing_and_stops_at_an_unheal
           f"{draining.group(1)} in flight at SIGTERM, none lost")
 
 
-def _rabbitmqctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["rabbitmqctl", "--quiet", *args], input=stdin, capture_output=True,
-                          text=True, timeout=60)
-
-
 def test_rotate_broker_credentials_changes_the_password_and_the_agents_use_the_new_one(
-        converged: Node, ansible_env, test_host, workdir: Path, broker):
-    """Against the machine's own RabbitMQ, with a user of this test only (guest is never
-    touched): the broker play finds the old password stale and sets the new one (on
-    stdin), and the agent node gets the new URL and reaches its queue with it."""
-    require(shutil.which("rabbitmqctl") is not None,
-            "needs rabbitmqctl (the local RabbitMQ's CLI)")
-    user = f"t-rotate-{converged.operation.rsplit('-', 1)[-1]}"
-    old, new = "OldPassword0rotate", "NewPassword1rotate"
-    assert _rabbitmqctl("add_user", user, stdin=old).returncode == 0
+        converged: Node, role_broker, ansible_env, test_host, workdir: Path, monkeypatch):
+    """On the private node, over TLS: deleting the agent user's generated password file
+    and running the playbook makes a new password (on the broker node, never logged),
+    sets it (rabbitmqctl on stdin), and the agent node's agent.env gets a URL built from
+    the broker's facts, as the example inventory builds it, with the broker's CA: its
+    health check reaches the operation's queue over amqps with the new password."""
+    from streamboss.manager.broker import Broker as ManagerBroker
+
+    user = "streamboss-agent"
+    old = role_broker.password(user)
+    monkeypatch.setenv("STREAMBOSS_BROKER_CA", str(role_broker.ca))
+    manager = ManagerBroker(role_broker.url("streamboss-manager"), role_broker.management_url)
     try:
-        assert _rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*").returncode == 0
-        broker.create_stream(converged.input)
-        broker.declare_operation_queue(converged.operation, converged.input)
+        manager.ensure_stream(converged.input)
+        manager.ensure_operation(converged.operation, converged.input)
         base = json.loads(converged.inventory.read_text())["all"]["children"]["stream_agents"][
             "hosts"]["agent-1"]
         paths = node_paths(workdir / "rotate")
         agent_vars = {
             **base, "stream_agent_config_dir": paths["stream_agent_config_dir"],
             "stream_agent_unit_dir": paths["stream_agent_unit_dir"],
-            "stream_agent_broker_url": f"amqp://{user}:{new}@127.0.0.1:5672/%2F"}
-        broker_vars = {**connection_vars(test_host), "rabbitmq_vhosts": ["/"],
-                       "rabbitmq_remove_guest": False, "rabbitmq_manage_service": False,
-                       "rabbitmq_users": [{"name": user, "password": new}]}
+            # as inventory/example/group_vars/all/main.yml builds them
+            "stream_agent_broker_url": (
+                "amqps://streamboss-agent:{{ hostvars['broker-1']['rabbitmq_user_passwords']"
+                "['streamboss-agent'] | urlencode }}@localhost:"
+                f"{role_broker.amqps_port}/streamboss"),
+            "stream_agent_broker_ca": "{{ hostvars['broker-1']['rabbitmq_ca_certificate'] }}"}
+        broker_vars = {**connection_vars(test_host), **converged.broker_vars,
+                       "rabbitmq_manage_service": False}
         inventory = write_inventory(workdir / "rotate-inventory.yml", {
             "brokers": {"broker-1": broker_vars}, "stream_agents": {"agent-r": agent_vars}}, {})
+        (role_broker.config_dir / "streamboss-credentials" / user).unlink()
         run = run_playbook(ansible_env, "rotate-broker-credentials.yml", inventory)
         assert run.returncode == 0, run.explain()
+        new = role_broker.password(user)
+        assert new != old
         changed = run.changed_tasks()
         assert any("Change the passwords that do not match" in line for line in changed), changed
         assert not any("Create the missing users" in line for line in changed), changed
         assert new not in run.output and old not in run.output, "passwords are never logged"
-        assert _rabbitmqctl("authenticate_user", user, stdin=old).returncode != 0
-        assert _rabbitmqctl("authenticate_user", user, stdin=new).returncode == 0
-        env = read_env_file(Path(paths["stream_agent_config_dir"]) / "agent.env")
-        assert env["STREAMBOSS_BROKER_URL"] == f"amqp://{user}:{new}@127.0.0.1:5672/%2F"
+        node = role_broker.node
+        assert node.ctl_run("authenticate_user", user, stdin=old).returncode != 0
+        assert node.ctl_run("authenticate_user", user, stdin=new).returncode == 0
+        config_dir = Path(paths["stream_agent_config_dir"])
+        env = read_env_file(config_dir / "agent.env")
+        assert env["STREAMBOSS_BROKER_URL"] == role_broker.url(user)
+        assert env["STREAMBOSS_BROKER_CA"] == str(config_dir / "broker-ca.crt")
+        assert (config_dir / "broker-ca.crt").read_text() == role_broker.ca.read_text()
         assert re.search(rf"Report the agent's queue.*queue: sb\.op\.{converged.operation}",
                          run.output, re.S), run.explain()
     finally:
-        _rabbitmqctl("delete_user", user)
-    users = json.loads(_rabbitmqctl("list_users", "--formatter", "json").stdout)
-    assert "guest" in {u["user"] for u in users}
+        manager.delete_operation(converged.operation, f"sb.dead.{converged.operation}")
+        manager.delete_stream(converged.input)
+        manager.close()
 
 
 def test_collect_logs_fetches_an_archive_that_holds_no_secret(converged: Node, ansible_env,
