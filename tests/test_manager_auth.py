@@ -1,5 +1,7 @@
-"""Who may run and reach a manager: binding beyond loopback needs a token (then the API
-wants it on every call), and one state directory has one manager."""
+"""Who may run and reach a manager: binding beyond loopback needs a token the operator
+chose (then the API wants it on every call), and one state directory has one manager.
+A loopback manager without STREAMBOSS_TOKEN generates one and wants it too: see
+tests/test_manager_http_security.py."""
 
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ def test_a_bearer_token_works(guarded, module_managers: ManagerPool) -> None:
     assert created.status_code == 201, created.text
     listed = httpx.get(f"{guarded.url}/v1/streams", headers=headers, timeout=10)
     assert stream in {s["name"] for s in listed.json()}
+    # The operator's token is theirs to keep: the manager writes no copy of it.
+    assert not (guarded.state_dir / "manager.token").exists()
+    assert TOKEN not in guarded.log()
 
 
 def test_the_seed_call_may_send_the_token_as_basic_auth(guarded) -> None:
