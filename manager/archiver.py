@@ -34,6 +34,7 @@ from streamboss.agent.archive import ArchiveError, ArchiveIndex, Record, Segment
 from streamboss.agent.archive import record_timestamp as _record_timestamp
 from streamboss.agent.broker import BrokerSession, Topology
 from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL
+from streamboss.agent.isolation import make_non_dumpable
 from streamboss.agent.naming import archive_queue, stream_exchange
 from streamboss.agent.reconnect import EXIT_FATAL, RECONNECT_DELAY, Reconnecting
 
@@ -293,6 +294,9 @@ class Archiver(Reconnecting):
 def archiver_command(stream: str, store: str, segment_bytes: int, segment_seconds: float,
                      segment_records: int) -> None:
     """Drain STREAM's archive subscription into segments (run by the manager)."""
+    # It holds the broker URL in its environment; a program an agent runs as the
+    # same user must not read it from /proc/<pid>/environ.
+    make_non_dumpable()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.CRITICAL)

@@ -222,6 +222,10 @@ class Broker:
         self.channel.queue_bind(queue, stream_exchange(stream), routing_key="#")
         return Capture(self.connection, queue)
 
+    def forget_queue(self, name: str) -> None:
+        """Delete the queue ``name`` when the test ends (one a process of the test declared)."""
+        self._queues.add(name)
+
     def queue(self, name: str) -> Capture:
         """Consume an existing queue (an operation's, after its agent exited)."""
         return Capture(self.connection, name)

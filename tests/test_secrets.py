@@ -27,6 +27,7 @@ import pytest
 
 from streamboss.agent import isolation
 from streamboss.agent.isolation import ChildIsolation, IsolationError
+from streamboss.agent.naming import archive_queue
 from streamboss.manager.dispatch_local import LocalDispatcher
 from streamboss.manager.model import MASKED, Definition, Operation
 from streamboss.manager.store import Store
@@ -498,3 +499,38 @@ def test_child_settings_come_from_the_environment_else_the_config_file(monkeypat
     if os.geteuid() == 0 and _user_exists(NOBODY):
         user = isolation.child_isolation({"child_user": NOBODY}).user
         assert user is not None and user.uid == pwd.getpwnam(NOBODY).pw_uid
+
+
+def test_the_archiver_is_not_dumpable_either(streams, broker, broker_url: str) -> None:
+    """The archiver holds the broker URL in its environment, beside agents whose
+    programs may run as the same user."""
+    need_setpriv()
+    [stream] = streams("archived")
+    queue = archive_queue(stream)
+    broker.forget_queue(queue)
+    # As the manager declares it for an archive (manager/broker.py).
+    channel = broker.connection.channel()
+    channel.queue_declare(queue, durable=True)
+    channel.queue_bind(queue, f"sb.stream.{stream}", "#")
+    channel.close()
+    store = Path(tempfile.mkdtemp(prefix="streamboss-nobody-", dir="/tmp"))
+    nobody = pwd.getpwnam(NOBODY)
+    os.chown(store, nobody.pw_uid, nobody.pw_gid)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBOSS_")}
+    env["STREAMBOSS_BROKER_URL"] = broker_url
+    archiver = subprocess.Popen(
+        [*setpriv_as(NOBODY), PYTHON, "-m", "streamboss.manager.archiver", "--stream", stream,
+         "--store", f"file://{store}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, env=env, cwd="/")
+    try:
+        wait_until(lambda: archiver.poll() is not None or (
+            broker.queue_depth(queue) is not None and broker.queue_consumers(queue) == 1),
+                   30, "the archiver's consumer")
+        assert archiver.poll() is None, archiver.stderr.read() if archiver.stderr else ""
+        assert Path(f"/proc/{archiver.pid}/status").read_text().count(
+            f"Uid:\t{nobody.pw_uid}") == 1
+        assert Path(f"/proc/{archiver.pid}/environ").stat().st_uid == 0
+    finally:
+        archiver.terminate()
+        archiver.wait(timeout=60)
+        shutil.rmtree(store, ignore_errors=True)
