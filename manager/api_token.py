@@ -48,6 +48,13 @@ def token_file(state_dir: Path) -> Path:
 def _read_private(path: Path) -> str | None:
     """The token in ``path`` if it is a regular file of ours that only we may read and
     holds a token; None otherwise (missing, a symlink, loose mode, foreign, garbage)."""
+    text = _private_text(path, 1024)
+    return text if text is not None and _TOKEN_SHAPE.fullmatch(text) else None
+
+
+def _private_text(path: Path, limit: int) -> str | None:
+    """The text of ``path`` (at most ``limit`` bytes, stripped) if it is a regular file of
+    ours that no one else may read; None otherwise (missing, a symlink, loose, larger)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -55,12 +62,11 @@ def _read_private(path: Path) -> str | None:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() \
-                or stat.S_IMODE(info.st_mode) & OTHERS or info.st_size > 1024:
+                or stat.S_IMODE(info.st_mode) & OTHERS or info.st_size > limit:
             return None
-        text = os.read(fd, 1024).decode("ascii", errors="replace").strip()
+        return os.read(fd, limit).decode(errors="replace").strip()
     finally:
         os.close(fd)
-    return text if _TOKEN_SHAPE.fullmatch(text) else None
 
 
 def load_or_create(state_dir: Path) -> str:
@@ -118,19 +124,8 @@ def withdraw_pointer(port: int, state_dir: Path | None = None) -> None:
 
 def _pointer_target(pointer: Path) -> Path | None:
     """The token file a pointer names, if the pointer is a private file of ours."""
-    try:
-        fd = os.open(pointer, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() \
-                or stat.S_IMODE(info.st_mode) & OTHERS:
-            return None
-        named = os.read(fd, 4096).decode(errors="replace").strip()
-    finally:
-        os.close(fd)
-    return Path(named) if named.startswith("/") else None
+    named = _private_text(pointer, 4096)
+    return Path(named) if named is not None and named.startswith("/") else None
 
 
 def is_loopback_url(url: str) -> bool:

@@ -443,20 +443,23 @@ def agent(broker: Broker, broker_url: str, tmp_path: Path) -> Iterator[Any]:
     """``agent(op, input, output, "--exec", CMD, ...)`` -> a started AgentProcess.
 
     It waits until the agent consumes unless ``ready=False``; ``name_flags=False``
-    leaves the operation and stream names to a ``--config`` file. Every agent is
-    killed (with its children) at teardown, and the operation's queue and
-    dead-letter stream are deleted.
+    leaves the operation and stream names to a ``--config`` file; ``prefix`` starts
+    the command line (e.g. setpriv, to run it as another user; it then runs from /,
+    which any user may enter). Every agent is killed (with its children) at
+    teardown, and the operation's queue and dead-letter stream are deleted.
     """
     started: list[AgentProcess] = []
 
     def start(operation: str, source: str, sink: str, *options: str, ready: bool = True,
-              env: dict[str, str] | None = None, name_flags: bool = True) -> AgentProcess:
+              env: dict[str, str] | None = None, name_flags: bool = True,
+              prefix: list[str] | None = None) -> AgentProcess:
         broker.forget_operation(operation)
         name_args = ["--operation", operation, "--input", source, "--output", sink]
-        argv = [PYTHON, "-m", "streamboss.agent", *(name_args if name_flags else []), *options]
+        argv = [*(prefix or []), PYTHON, "-m", "streamboss.agent",
+                *(name_args if name_flags else []), *options]
         process_env = {**os.environ, "STREAMBOSS_BROKER_URL": broker_url, **(env or {})}
         log_path = tmp_path / f"agent-{operation}-{len(started)}.log"
-        process = AgentProcess(argv, process_env, log_path, tmp_path)
+        process = AgentProcess(argv, process_env, log_path, Path("/") if prefix else tmp_path)
         started.append(process)
         if ready:
             process.wait_ready()

@@ -336,29 +336,14 @@ def _user_exists(name: str) -> bool:
 
 
 @pytest.fixture
-def agent_as(broker, broker_url: str, tmp_path: Path):
+def agent_as(agent):
     """``agent_as(prefix, op, input, output, *options, env=...)``: an agent whose command
     line starts with ``prefix`` (e.g. setpriv), run from / so any user may."""
-    started: list[AgentProcess] = []
 
-    def start(prefix: list[str], operation: str, source: str, sink: str, *options: str,
-              env: dict[str, str] | None = None, ready: bool = True) -> AgentProcess:
-        broker.forget_operation(operation)
-        argv = [*prefix, PYTHON, "-m", "streamboss.agent", "--operation", operation,
-                "--input", source, "--output", sink, *options]
-        process_env = {**os.environ, "STREAMBOSS_BROKER_URL": broker_url, **(env or {})}
-        process = AgentProcess(argv, process_env, tmp_path / f"agent-{len(started)}.log",
-                               Path("/"))
-        started.append(process)
-        if ready:
-            process.wait_ready()
-        return process
+    def start(prefix: list[str], *args: str, **kwargs: object) -> AgentProcess:
+        return agent(*args, prefix=prefix, **kwargs)
 
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.cleanup()
+    return start
 
 
 def test_a_child_of_the_same_user_cannot_read_the_agents_environ(
