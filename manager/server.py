@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,13 @@ from typing import TextIO
 import uvicorn
 
 from streamboss.agent.config import ConfigError, consumer_timeout_limit, redact
-from streamboss.agent.isolation import make_non_dumpable
+from streamboss.agent.isolation import (
+    CHILD_USER_ENV,
+    ChildIsolation,
+    IsolationError,
+    child_isolation,
+    make_non_dumpable,
+)
 
 from . import api_token
 from .api import Manager, create_app
@@ -118,6 +125,28 @@ def local_token(config: ServerConfig) -> str:
     return token
 
 
+def check_child_settings() -> ChildIsolation:
+    """The child settings (``STREAMBOSS_PASS_ENV``, ``STREAMBOSS_CHILD_USER``) the local
+    agents inherit, checked now: an agent refusing them would only exit and be restarted.
+
+    Raises:
+        ServerError: a credential to pass through, a bad name, an unusable user.
+    """
+    try:
+        return child_isolation({})
+    except IsolationError as exc:
+        raise ServerError(str(exc)) from None
+
+
+def warn_about_programs(children: ChildIsolation) -> None:
+    """Say it when the programs agents run will be root: non-dumpable does not keep root
+    out of the agents' and the manager's memory and environment."""
+    if children.user is None and os.geteuid() == 0:
+        print(f"warning: running as root without {CHILD_USER_ENV}: the programs agents run "
+              "are root too and can read every secret of this machine; set "
+              f"{CHILD_USER_ENV}=nobody (or a user of their own)", file=sys.stderr, flush=True)
+
+
 def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -197,6 +226,7 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
         consumer_timeout = consumer_timeout_limit()
     except ConfigError as exc:
         raise ServerError(str(exc)) from None
+    warn_about_programs(check_child_settings())
     check_port_free(config.host, config.port)
     lock = lock_state_dir(config.state_dir)
     generated = token is None

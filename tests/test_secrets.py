@@ -16,6 +16,7 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -33,11 +34,13 @@ from streamboss.manager.model import MASKED, Definition, Operation
 from streamboss.manager.store import Store
 
 from .conftest import (
+    MANAGER,
     PYTHON,
     AgentProcess,
     ManagerProcess,
     agent_pids,
     free_port,
+    run_cli,
     wait_until,
 )
 from .module_manager import manager_names, module_manager  # noqa: F401 (fixtures)
@@ -519,3 +522,31 @@ def test_the_archiver_is_not_dumpable_either(streams, broker, broker_url: str) -
         archiver.terminate()
         archiver.wait(timeout=60)
         shutil.rmtree(store, ignore_errors=True)
+
+
+def test_the_manager_refuses_to_pass_a_credential_to_programs(tmp_path, broker_url: str) -> None:
+    """Refused by the manager at start, not by each agent it would start and restart."""
+    result = run_cli([*MANAGER, "manager", "--port", str(free_port()),
+                      "--state-dir", str(tmp_path / "state")],
+                     env={"STREAMBOSS_BROKER_URL": broker_url,
+                          "STREAMBOSS_PASS_ENV": "LC_PAPER,AWS_SECRET_ACCESS_KEY"},
+                     timeout=30)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "AWS_SECRET_ACCESS_KEY" in lines[0] and "credential" in lines[0]
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_root_manager_without_a_child_user_says_what_its_programs_can_read(
+        tmp_path, broker_url: str) -> None:
+    require(os.geteuid() == 0, "needs root")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = run_cli([*MANAGER, "manager", "--port", str(busy.getsockname()[1]),
+                          "--state-dir", str(tmp_path / "state")],
+                         env={"STREAMBOSS_BROKER_URL": broker_url, "STREAMBOSS_CHILD_USER": ""},
+                         timeout=30)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert result.returncode == 2
+    assert len(warnings) == 1 and "STREAMBOSS_CHILD_USER" in warnings[0], result.stderr
