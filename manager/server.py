@@ -226,9 +226,11 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
         consumer_timeout = consumer_timeout_limit()
     except ConfigError as exc:
         raise ServerError(str(exc)) from None
-    warn_about_programs(check_child_settings())
+    children = check_child_settings()
     check_port_free(config.host, config.port)
     lock = lock_state_dir(config.state_dir)
+    # Once it is sure to start: a refusal stays one line.
+    warn_about_programs(children)
     generated = token is None
     if token is None:
         token = local_token(config)
