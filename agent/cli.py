@@ -6,7 +6,6 @@ from argv: every user of the machine can read a process's arguments.
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from .isolation import (
     drop_inherited_privileges,
     make_non_dumpable,
 )
+from .log_format import setup_logging
 from .process import check_program, isolate_children
 
 HELP = """Run one operation: consume INPUT's queue, feed each message to a program,
@@ -106,11 +106,7 @@ def agent_command(config_file: Path | None, operation: str | None, input_stream:
     # First of all: from here on no process of this user (the programs this agent
     # runs, say) can read this one's environment or memory.
     make_non_dumpable()
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    # pika logs every reconnect attempt at ERROR with a traceback; ours say it once.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    setup_logging(log_level)
     try:
         file_values: dict[str, Any] = read_file(config_file) if config_file else {}
         definition: dict[str, Any] = dict(file_values.get("definition") or {})

@@ -35,6 +35,7 @@ from streamboss.agent.archive import record_timestamp as _record_timestamp
 from streamboss.agent.broker import BrokerSession, Topology
 from streamboss.agent.config import BROKER_URL_ENV, DEFAULT_BROKER_URL
 from streamboss.agent.isolation import make_non_dumpable
+from streamboss.agent.log_format import setup_logging
 from streamboss.agent.naming import archive_queue, stream_exchange
 from streamboss.agent.reconnect import EXIT_FATAL, RECONNECT_DELAY, Reconnecting
 
@@ -297,9 +298,7 @@ def archiver_command(stream: str, store: str, segment_bytes: int, segment_second
     # It holds the broker URL in its environment; a program an agent runs as the
     # same user must not read it from /proc/<pid>/environ.
     make_non_dumpable()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    setup_logging()
     config = ArchiverConfig(
         broker_url=os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL, stream=stream,
         store=store, segment_bytes=segment_bytes, segment_seconds=segment_seconds,

@@ -26,6 +26,7 @@ from streamboss.agent.config import (
     OBJECT_ALLOW_ENV,
     OBJECT_STORE_ENV,
 )
+from streamboss.agent.log_format import setup_logging
 from streamboss.agent.object_refs import ObjectStores, ReferenceRefused, parse_allow
 from streamboss.agent.tls import BrokerTLSError, check_broker_tls
 
@@ -78,9 +79,7 @@ def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: boo
     # The server's web stack is imported only to serve: the data verbs stay light.
     from .server import ServerConfig, ServerError, serve
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    setup_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # boto's own INFO lines (credentials found, ...) would drown the manager's.
     logging.getLogger("botocore").setLevel(logging.WARNING)
