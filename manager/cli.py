@@ -26,7 +26,7 @@ from streamboss.agent.config import (
     OBJECT_ALLOW_ENV,
     OBJECT_STORE_ENV,
 )
-from streamboss.agent.log_format import setup_logging
+from streamboss.agent.log_format import escape_controls, setup_logging
 from streamboss.agent.object_refs import ObjectStores, ReferenceRefused, parse_allow
 from streamboss.agent.tls import BrokerTLSError, check_broker_tls
 
@@ -393,10 +393,21 @@ def consume_(stream: str, count: int | None, timeout: float | None, raw: bool,
         except FetchError as exc:
             _fail(exc)
 
+    skipped = 0
+
     def show(body: bytes, props: pika.BasicProperties) -> None:
+        nonlocal skipped
         claim = hdr.object_reference(props) if fetcher is not None else None
         if claim is not None and fetcher is not None:
-            fetched = fetcher.fetch(claim)
+            try:
+                fetched = fetcher.fetch(claim)
+            except (objects.ObjectStoreError, ReferenceRefused) as exc:
+                # Whoever may publish may send a bad reference: it must not stop the
+                # consumer for everyone else's messages.
+                skipped += 1
+                click.echo(escape_controls(f"consume: skipped message {hdr.message_id(props)}: "
+                                           f"{exc}"), err=True)
+                return
             if not fetched.by_digest:
                 click.echo(f"{fetched.path}: the reference carries no sha256, so only its "
                            f"size was checked; sha256 {fetched.sha256}", err=True)
@@ -417,13 +428,15 @@ def consume_(stream: str, count: int | None, timeout: float | None, raw: bool,
 
     try:
         consume(_broker_url(), stream, show, count=count, timeout=timeout, dedup=dedup or 0)
-    except (StreamError, objects.ObjectStoreError, ReferenceRefused, FetchError) as exc:
+    except (StreamError, FetchError) as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        return
+        pass
     finally:
         if fetcher is not None:
             fetcher.close()
+    if skipped:
+        sys.exit(1)
 
 
 def _user_object_stores() -> ObjectStores:

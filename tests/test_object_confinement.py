@@ -356,7 +356,7 @@ def test_fetch_writes_only_inside_its_directory_under_names_it_makes(
 
 
 @pytest.mark.parametrize("case", ["outside", "symlink", "mismatch", "wrong-size"])
-def test_fetch_refuses_a_hostile_reference_in_one_line_and_leaves_nothing(
+def test_fetch_skips_a_hostile_reference_in_one_line_leaves_nothing_and_goes_on(
         broker: Broker, broker_url: str, streams, tmp_path: Path, case: str) -> None:
     [stream] = streams("fetch")
     store, outside, target = tmp_path / "store", tmp_path / "outside", tmp_path / "fetched"
@@ -376,13 +376,22 @@ def test_fetch_refuses_a_hostile_reference_in_one_line_and_leaves_nothing(
         "wrong-size": (reference(f"file://{store}/object", None, len(secret) - 1),
                        object_refs.LARGER),
     }[case]
-    result = fetch(broker_url, stream, target, 1, store,
-                   lambda: broker.publish(stream, [b"x"], headers=headers))
+    good = b"a good object after it"
+    (store / "good").write_bytes(good)
+
+    def publish() -> None:
+        broker.publish(stream, [b"x"], ids=["hostile"], headers=headers)
+        broker.publish(stream, [b"y"], headers=reference(f"file://{store}/good", sha(good),
+                                                         len(good)))
+
+    result = fetch(broker_url, stream, target, 2, store, publish)
+    # One hostile message does not stop the consumer; the exit status says one was skipped.
     line = one_line_error(result)
-    assert result.returncode == 2 and rule in line, line
+    assert result.returncode == 1 and rule in line and "skipped message hostile" in line, line
     assert secret.decode() not in line and sha(secret) not in line
-    assert result.stdout == ""
-    assert list(target.iterdir()) == []  # nothing half written
+    [path] = [Path(p) for p in result.stdout.splitlines()]
+    assert list(target.iterdir()) == [path]  # nothing half written of the hostile one
+    assert path.read_bytes() == good
 
 
 # -- archive stores -------------------------------------------------------------------
