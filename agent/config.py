@@ -131,7 +131,10 @@ def parse_definition(data: Any) -> ProcessDefinition:
     if isinstance(command, list):
         if not command or not all(isinstance(a, str) for a in command):
             raise ConfigError("process definition 'exec' list must hold strings, program first")
-    elif not isinstance(command, str) or not command.strip():
+    elif command is not None and not isinstance(command, str):
+        raise ConfigError(f"process definition 'exec' must be a command line or a list of "
+                          f"strings, not {type(command).__name__}")
+    elif command is None or not command.strip():
         raise ConfigError("process definition is missing 'exec': give the command to run")
     mode = fields.get("mode", "per-message")
     if mode not in MODES:

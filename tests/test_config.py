@@ -89,7 +89,7 @@ def test_exec_may_be_a_list() -> None:
     ({"definition": {"name": "x"}}, "missing 'exec'"),
     ({"exec": ""}, "missing 'exec'"),
     ({"exec": "   "}, "missing 'exec'"),
-    ({"exec": 42}, "missing 'exec'"),
+    ({"exec": 42}, "'exec' must be a command line or a list of strings, not int"),
     ({"exec": []}, "list must hold strings"),
     ({"exec": ["tr", 1]}, "list must hold strings"),
     ({"exec": "tr 'a-z"}, "cannot be split"),
