@@ -81,6 +81,19 @@ def replay_archive(since: str) -> bool:
     return ok
 
 
+def clean_up(definition: int | None) -> None:
+    """Remove what the demo declared, so the hand-run quickstart after it starts afresh."""
+    steps = [["stop-archive", "mystream"], ["delete-operation", "my-operation"],
+             *(["delete-stream", name, "--force"]
+               for name in ("mystream", "outputstream", "replayed")),
+             *([["delete-process", str(definition), "--force"]] if definition else [])]
+    for step in steps:
+        subprocess.run([sys.executable, "-m", "streamboss.manager", *step], cwd=ROOT,
+                       capture_output=True, timeout=60)
+    print("demo: removed its streams, operation, archive and definition "
+          "(--stay keeps them)", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stay", action="store_true", help="keep the manager running")
@@ -88,6 +101,7 @@ def main() -> int:
     port = URL.rsplit(":", 1)[-1].strip("/")
     manager = subprocess.Popen([sys.executable, "-m", "streamboss.manager", "up",
                                 "--port", port], cwd=ROOT)
+    definition: int | None = None
     try:
         wait_for_manager(manager)
         shim("create_stream.py", "mystream")
@@ -99,6 +113,7 @@ def main() -> int:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         registered = httpx.post(f"{URL}/api/process_definition/", json=seed, headers=headers,
                                 timeout=10).json()
+        definition = registered.get("id")
         state = Path(os.environ.get(STATE_DIR_ENV) or ROOT / CHECKOUT_STATE)
         shown = "$STREAMBOSS_TOKEN" if os.environ.get("STREAMBOSS_TOKEN") else \
             f"$(cat {token_file(state)})"
@@ -130,6 +145,8 @@ def main() -> int:
         return 130
     finally:
         if manager.poll() is None:
+            if not args.stay:
+                clean_up(definition)
             manager.send_signal(signal.SIGINT)
             manager.wait(timeout=60)
 
