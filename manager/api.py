@@ -41,6 +41,7 @@ from .api_models import (
 )
 from .archive_stores import ArchiveStoreRefused, check_archive_store
 from .broker import Broker, BrokerUnavailable
+from .connections import Connections
 from .graph import render_graph
 from .http_guard import GuardPolicy, HttpGuard
 from .model import Archive
@@ -86,8 +87,11 @@ class Manager:
                  token: str | None, dispatcher_name: str = "local",
                  archive_store: str = "",
                  dispatcher_view: Callable[[], dict[str, Any]] | None = None,
-                 consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT) -> None:
+                 consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT,
+                 connections: Connections | None = None) -> None:
         self.archive_store = archive_store
+        # The broker, management API and archive store this manager uses, for /v1/status.
+        self.connections = connections
         # The broker's consumer_timeout in seconds (STREAMBOSS_BROKER_CONSUMER_TIMEOUT):
         # what a definition's agents may hold one delivery for on brokers before 3.12.
         self.consumer_timeout = consumer_timeout
@@ -415,6 +419,8 @@ def create_app(manager: Manager, guard: GuardPolicy | None = None) -> FastAPI:
             "stack": None,
             "cloud": None,
             **(manager.dispatcher_view() if manager.dispatcher_view else {}),
+            # What it uses and whether each answers (credentials redacted).
+            "connections": manager.connections.view() if manager.connections else None,
         }
 
     @app.get("/v1/graph", dependencies=v1, response_class=PlainTextResponse,

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 import pika
@@ -27,6 +27,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from streamboss.agent.broker import CONNECT_ERRORS, explain_close
+from streamboss.agent.config import redact
 from streamboss.agent.naming import (
     OPERATION_PREFIX,
     RETRY_PREFIX,
@@ -138,6 +139,74 @@ class Subscriber:
         return None
 
 
+# Where the management API's URL came from, as ``status`` names it.
+MANAGEMENT_FROM_OPTION = "--management-url"
+MANAGEMENT_FROM_BROKER_URL = "beside the broker URL"
+
+
+class ManagementURLError(ValueError):
+    """A management URL that cannot work; the message names it (credentials redacted)."""
+
+
+def check_management_url(url: str) -> str:
+    """``url`` if it can name RabbitMQ's management API: http(s)://HOST[:PORT][/PATH].
+
+    Raises:
+        ManagementURLError: another scheme, no host, a query or fragment, a bad port.
+    """
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - a non-numeric or out-of-range port raises here
+    except ValueError:
+        raise ManagementURLError(f"management URL {redact(url)} has a bad port: use "
+                                 "https://HOST[:PORT]") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+            or parts.fragment:
+        raise ManagementURLError(f"management URL {redact(url)} is not http(s)://HOST[:PORT]: "
+                                 f"set {MANAGEMENT_URL_ENV} or --management-url to RabbitMQ's "
+                                 "management API (Amazon MQ: https://HOST)")
+    return url
+
+
+def without_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``url`` without its userinfo, and the user and password it carried (if any)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return (urlunsplit(parts._replace(netloc=netloc)),
+            (unquote(parts.username or ""), unquote(parts.password or "")))
+
+
+def management_endpoint(broker_url: str, option: str | None = None) -> tuple[str, str]:
+    """The management API's URL and where it came from: ``option`` (--management-url),
+    else ``STREAMBOSS_MANAGEMENT_URL``, else beside the broker (:func:`default_management_url`).
+
+    Raises:
+        ManagementURLError: the chosen URL cannot name a management API.
+    """
+    if option:
+        return check_management_url(option), MANAGEMENT_FROM_OPTION
+    if os.environ.get(MANAGEMENT_URL_ENV):
+        return check_management_url(os.environ[MANAGEMENT_URL_ENV]), MANAGEMENT_URL_ENV
+    return default_management_url(broker_url), MANAGEMENT_FROM_BROKER_URL
+
+
+def management_state(response_or_error: httpx.Response | Exception) -> str:
+    """One line saying whether the management API answered a GET of ``/api/overview``:
+    ``answers``, ``refused: ...`` or ``unreachable: ...``."""
+    if isinstance(response_or_error, Exception):
+        reason = str(response_or_error).strip().splitlines()
+        return f"unreachable: {reason[0] if reason else type(response_or_error).__name__}"
+    code = response_or_error.status_code
+    if code == 200:
+        return "answers"
+    if code in (401, 403):
+        # RabbitMQ answers 401 to a wrong password and to a user without a management tag.
+        return f"refused: {code}, check the broker user's password and its management tag"
+    return f"refused: HTTP {code}, is {MANAGEMENT_URL_ENV} RabbitMQ's management API?"
+
+
 def default_management_url(url: str) -> str:
     """The management API beside the broker at ``url``: https on 15671 for amqps://
     (RabbitMQ's TLS listener for it), http on 15672 for amqp://."""
@@ -154,12 +223,25 @@ class Broker:
     """A blocking AMQP connection plus the management API, reopened when lost."""
 
     def __init__(self, url: str, management_url: str | None = None) -> None:
+        """Parameters:
+            url: the AMQP URL (its credentials are the management API's too, as on
+                Amazon MQ, where the broker user is the console's user).
+            management_url: the management API (``--management-url``); None:
+                ``STREAMBOSS_MANAGEMENT_URL``, else beside the broker.
+
+        Raises:
+            ManagementURLError: the management URL cannot name a management API.
+        """
         self.url = url
         parts = urlsplit(url)
         self.vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
         self._auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
-        self.management_url = (management_url or os.environ.get(MANAGEMENT_URL_ENV)
-                               or default_management_url(url))
+        chosen, self.management_source = management_endpoint(url, management_url)
+        # Credentials in the management URL itself (another user for the API) win; the
+        # URL kept, shown and put in messages never holds them.
+        self.management_url, own = without_credentials(chosen)
+        if own is not None:
+            self._auth = own
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         # The API is verified like the broker: STREAMBOSS_BROKER_CA, else the system's CAs.
@@ -456,10 +538,15 @@ class Broker:
             self._http.delete(path)
 
     def management_available(self) -> bool:
+        return self.management_state() == "answers"
+
+    def management_state(self) -> str:
+        """Whether the management API answers this manager now, in one line (see
+        :func:`management_state`)."""
         try:
-            return self._http.get("/api/overview").status_code == 200
-        except httpx.HTTPError:
-            return False
+            return management_state(self._http.get("/api/overview"))
+        except httpx.HTTPError as exc:
+            return management_state(exc)
 
 
 def _count(value: Any) -> int | None:

@@ -75,7 +75,8 @@ cli.add_command(dead)
 
 def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: bool,
            stack: str | None = None, project_dir: Path | None = None,
-           allowed_hosts: tuple[str, ...] = (), max_request_bytes: int | None = None) -> None:
+           allowed_hosts: tuple[str, ...] = (), max_request_bytes: int | None = None,
+           management_url: str | None = None) -> None:
     # The server's web stack is imported only to serve: the data verbs stay light.
     from .server import ServerConfig, ServerError, serve
 
@@ -84,11 +85,22 @@ def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: boo
     # boto's own INFO lines (credentials found, ...) would drown the manager's.
     logging.getLogger("botocore").setLevel(logging.WARNING)
     config = ServerConfig(state_dir(state), _broker_url(), host, port, dispatcher, stack,
-                          project_dir, allowed_hosts, max_request_bytes)
+                          project_dir, allowed_hosts, max_request_bytes, management_url,
+                          BROKER_URL_ENV if os.environ.get(BROKER_URL_ENV) else "default")
     try:
         serve(config, banner=banner)
     except ServerError as exc:
         _fail(exc)
+
+
+# Not click's envvar: the manager reads the variable itself (manager/broker.py), and
+# status names which of the two the URL came from.
+MANAGEMENT_URL_OPTION = click.option(
+    "--management-url", metavar="URL",
+    help="RabbitMQ's management API, which shows who consumes a stream (demand); wins over "
+         "env STREAMBOSS_MANAGEMENT_URL [beside the broker: http://HOST:15672, or "
+         "https://HOST:15671 for amqps://]. Amazon MQ: https://HOST (443). Credentials: the "
+         "broker URL's user, unless the URL carries its own.")
 
 
 @cli.command()
@@ -113,9 +125,10 @@ def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: boo
               help="The Pulumi stack the aws dispatcher updates (required with aws).")
 @click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path),
               help="The directory holding Pulumi.yaml [the checkout's root].")
+@MANAGEMENT_URL_OPTION
 def manager(state_dir: str | None, host: str, allowed_hosts: tuple[str, ...],
             max_request_bytes: int | None, port: int, dispatcher: str, stack: str | None,
-            project_dir: Path | None) -> None:
+            project_dir: Path | None, management_url: str | None) -> None:
     """Run the stream manager: HTTP API, reconciler and dispatcher.
 
     With --dispatcher aws, declaration changes update the Pulumi stack (preview,
@@ -128,16 +141,17 @@ def manager(state_dir: str | None, host: str, allowed_hosts: tuple[str, ...],
         raise click.UsageError("--stack and --project-dir apply only to --dispatcher aws")
     _serve(state_dir, host, port, dispatcher, banner=False, stack=stack,
            project_dir=project_dir, allowed_hosts=allowed_hosts,
-           max_request_bytes=max_request_bytes)
+           max_request_bytes=max_request_bytes, management_url=management_url)
 
 
 @cli.command()
 @click.option("--state-dir", help="Where declarations live (env STREAMBOSS_STATE_DIR).")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
-def up(state_dir: str | None, port: int) -> None:
+@MANAGEMENT_URL_OPTION
+def up(state_dir: str | None, port: int, management_url: str | None) -> None:
     """The embedded default: manager, local agents and a file:// object store, in the
     foreground. Ctrl-C stops everything it started."""
-    _serve(state_dir, DEFAULT_HOST, port, "local", banner=True)
+    _serve(state_dir, DEFAULT_HOST, port, "local", banner=True, management_url=management_url)
 
 
 # -- declarations ---------------------------------------------------------------------
@@ -282,7 +296,10 @@ def list_(what: str | None, fmt: str) -> None:
 @cli.command()
 @OUTPUT
 def status(fmt: str) -> None:
-    """Per operation: agents desired/running, backlog, dead-lettered count."""
+    """Per operation: agents desired/running, backlog, dead-lettered count.
+
+    First the broker, management API and archive store the manager uses (credentials
+    redacted), where each came from, and whether each answers now."""
     result = _call("GET", "/v1/status")
     if fmt == "json":
         _emit(result, fmt)
@@ -292,8 +309,11 @@ def status(fmt: str) -> None:
     if not result.get("demand_observed"):
         click.echo("demand: management API unavailable; every operation counts as wanted",
                    err=True)
+    if result.get("connections"):
+        _connection_lines(result["connections"])
     if result.get("stack"):
         _stack_lines(result["stack"], result.get("cloud") or {})
+
     def rate(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}/s"
 
@@ -308,6 +328,23 @@ def status(fmt: str) -> None:
                  else "stopped", "backlog": "-" if a["backlog"] is None else a["backlog"]}
                 for a in result["archives"]],
                ["stream", "state", "archiver", "backlog", "restarts", "store"])
+
+
+# The status block naming what the manager uses (manager/connections.py).
+CONNECTION_LABELS = (("broker", "broker"), ("management", "management"),
+                     ("archive_store", "archive store"))
+
+
+def _connection_lines(connections: dict[str, Any]) -> None:
+    """One line each: the URL the manager uses, where it came from, whether it answers."""
+    for key, label in CONNECTION_LABELS:
+        endpoint = connections.get(key)
+        if not endpoint:
+            continue
+        line = f"{label + ':':<15}{endpoint['url']} (from {endpoint['source']}): " \
+               f"{endpoint['state']}"
+        click.echo(line)
+    click.echo()
 
 
 def _stack_lines(stack: dict[str, Any], cloud: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ from typing import TextIO
 
 import uvicorn
 
-from streamboss.agent.config import ConfigError, consumer_timeout_limit, redact
+from streamboss.agent.config import BROKER_URL_ENV, ConfigError, consumer_timeout_limit, redact
 from streamboss.agent.isolation import (
     CHILD_USER_ENV,
     ChildIsolation,
@@ -27,8 +27,9 @@ from streamboss.agent.isolation import (
 
 from . import api_token
 from .api import Manager, create_app
-from .broker import Broker
+from .broker import Broker, ManagementURLError, management_endpoint
 from .client import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
+from .connections import DEFAULT_SOURCE, Connections
 from .dispatch_aws import AwsDispatcher
 from .dispatch_local import LocalDispatcher
 from .http_guard import GuardConfigError, GuardPolicy, parse_allowed_hosts, parse_max_body
@@ -63,6 +64,10 @@ class ServerConfig:
     # body limit in bytes (--max-request-bytes; None: STREAMBOSS_MAX_REQUEST_BYTES or 1 MiB).
     allowed_hosts: tuple[str, ...] = ()
     max_request_bytes: int | None = None
+    # RabbitMQ's management API (--management-url); None: STREAMBOSS_MANAGEMENT_URL, else
+    # beside the broker. Where the broker URL came from, for status.
+    management_url: str | None = None
+    broker_source: str = BROKER_URL_ENV
 
 
 def is_loopback(host: str) -> bool:
@@ -227,6 +232,10 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
     except ConfigError as exc:
         raise ServerError(str(exc)) from None
     children = check_child_settings()
+    try:  # a malformed --management-url or STREAMBOSS_MANAGEMENT_URL: one line, exit 2
+        management_endpoint(config.broker_url, config.management_url)
+    except ManagementURLError as exc:
+        raise ServerError(str(exc)) from None
     check_port_free(config.host, config.port)
     lock = lock_state_dir(config.state_dir)
     # Once it is sure to start: a refusal stays one line.
@@ -246,12 +255,20 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
     replaced = dispatcher.replace_previous()
     if replaced:
         log.info("stopped %d agent(s) left by a previous manager", replaced)
-    reconciler = Reconciler(store, Broker(config.broker_url), dispatcher)
+    reconciler = Reconciler(store, Broker(config.broker_url, config.management_url), dispatcher)
     archive_store = os.environ.get(ARCHIVE_STORE_ENV) or f"file://{archives_dir(config.state_dir)}"
-    manager = Manager(store, Broker(config.broker_url), reconciler, token, config.dispatcher,
+    api_broker = Broker(config.broker_url, config.management_url)
+    connections = Connections(api_broker, config.broker_source, archive_store,
+                              ARCHIVE_STORE_ENV if os.environ.get(ARCHIVE_STORE_ENV)
+                              else DEFAULT_SOURCE)
+    manager = Manager(store, api_broker, reconciler, token, config.dispatcher,
                       archive_store,
                       dispatcher.describe if isinstance(dispatcher, AwsDispatcher) else None,
-                      consumer_timeout)
+                      consumer_timeout, connections)
+    # Said once at start, so the journal shows what the node's environment gave it.
+    log.info("broker %s (from %s); management API %s (from %s); archive store %s (from %s)",
+             redact(config.broker_url), config.broker_source, api_broker.management_url,
+             api_broker.management_source, redact(archive_store), connections.archive_source)
     app = create_app(manager, guard_policy(config, token))
     url = f"http://{config.host}:{config.port}"
     if banner:
@@ -260,6 +277,7 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
         print(f"streamboss is up\n"
               f"  manager API   {url}/v1   (OpenAPI: {url}/docs)\n"
               f"  broker        {redact(config.broker_url)}\n"
+              f"  management    {api_broker.management_url}\n"
               f"  state         {config.state_dir}\n"
               f"  objects       file://{objects}\n"
               f"  archives      {archive_store}\n"

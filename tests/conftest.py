@@ -614,6 +614,8 @@ class ManagerProcess:
         # What starts it: `streamboss`, or a stand-in that runs the same manager
         # differently (tests/inert_manager.py starts no processes).
         self.command: list[str] = list(MANAGER)
+        # More `streamboss manager` options (e.g. --management-url).
+        self.manager_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -638,7 +640,7 @@ class ManagerProcess:
             self._log.close()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
         argv = [*self.command, "manager", "--port", str(self.port), "--state-dir",
-                str(self.state_dir), "--host", self.host]
+                str(self.state_dir), "--host", self.host, *self.manager_args]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=self._log, env=self.env(),
                                      cwd=self.state_dir.parent)
