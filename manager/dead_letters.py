@@ -323,6 +323,13 @@ def summaries(url: str, operations: list[str]) -> list[dict[str, Any]]:
         return [_summarise(connection, operation) for operation in operations]
 
 
+def held(url: str, operation: str) -> bool:
+    """Whether ``sb.dead.<operation>`` exists: it outlives its operation while it holds
+    dead letters (deleting an operation deletes it only when empty)."""
+    with _connection(url) as connection:
+        return _depth(connection, dead_queue(operation)) is not None
+
+
 def show(url: str, operation: str, count: int = SHOW_DEFAULT) -> dict[str, Any]:
     """The first ``count`` dead letters of ``operation`` (see :func:`describe`),
     left in the queue in their order.

@@ -272,6 +272,22 @@ def test_purge_asks_unless_yes_and_says_how_many(manager: ManagerProcess, broker
     assert nothing.returncode == 0 and "no dead letters" in nothing.stderr
 
 
+def test_dead_letters_outlive_their_operation_until_purged(manager: ManagerProcess,
+                                                           broker: Broker,
+                                                           operation: str) -> None:
+    """Deleting an operation keeps a dead-letter queue that holds letters; the verbs
+    still reach it, so they are never stranded."""
+    five_letters(broker, operation)
+    wait_until(lambda: broker.queue_depth(dead_queue(operation)) == 5, 30, "5 dead letters")
+    manager.ok("delete-operation", operation)
+    wait_until(lambda: manager.api("GET", "/v1/operations").json() == [] or all(
+        op["name"] != operation for op in manager.api("GET", "/v1/operations").json()), 30,
+        "the operation gone")
+    assert show_json(manager, operation, 5)["count"] == 5
+    assert manager.ok("dead", "purge", operation, "--yes").strip() == \
+        f"purged 5 dead letter(s) of {operation}"
+
+
 # -- bad input and the API ---------------------------------------------------------------
 
 

@@ -2,7 +2,9 @@
 
 Each call opens a broker connection of its own for its duration; the broker
 work is in ``manager/dead_letters.py``. An operation that is not declared is a
-404; a declared one whose dead-letter queue does not exist yet has none.
+404 unless its dead-letter queue is still there (an operation deleted while it
+held dead letters: they stay until purged); a declared one whose dead-letter
+queue does not exist yet has none.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def router(manager: Manager) -> APIRouter:
     routes = APIRouter(prefix="/v1/dead", tags=["dead letters"])
 
     def known(operation: str) -> str:
-        if manager.store.get_operation(operation) is None:
+        if manager.store.get_operation(operation) is None and \
+                not dead_letters.held(manager.broker.url, operation):
             raise StoreError(f"operation {operation!r} does not exist: `streamboss list "
                              "operations` shows the declared ones", 404)
         return operation
