@@ -13,6 +13,7 @@ FORGED = "2026-01-01 00:00:00,000 CRITICAL streamboss.agent.worker: FORGED"
 def test_control_characters_are_escaped() -> None:
     assert escape_controls("a\nb\r\x1b[31m\u2028c\td") == "a\\nb\\r\\x1b[31m\\u2028c\\td"
     assert escape_controls("plain text, ünïcode") == "plain text, ünïcode"
+    assert escape_controls("evil\u202egnp.exe") == "evil\\u202egnp.exe"
 
 
 def test_an_id_and_stderr_from_a_message_stay_on_their_line(streams, names, agent,
