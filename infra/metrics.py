@@ -13,14 +13,16 @@ in the repository's ``.venv``, which ``Pulumi.yaml`` names).
 from __future__ import annotations
 
 from streamboss.manager.cloud_metrics import (
+    ALARM_PERIOD_SECONDS,
     BACKLOG,
     BACKLOG_PER_AGENT,
+    DESIRED_CAPACITY,
     NAMESPACE,
     OPERATION_DIMENSION,
-    PERIOD_SECONDS,
     WANTED,
+    alarm_period,
     dimensions,
 )
 
-__all__ = ["BACKLOG", "BACKLOG_PER_AGENT", "NAMESPACE", "OPERATION_DIMENSION", "PERIOD_SECONDS",
-           "WANTED", "dimensions"]
+__all__ = ["ALARM_PERIOD_SECONDS", "BACKLOG", "BACKLOG_PER_AGENT", "DESIRED_CAPACITY",
+           "NAMESPACE", "OPERATION_DIMENSION", "WANTED", "alarm_period", "dimensions"]

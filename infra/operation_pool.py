@@ -12,7 +12,9 @@ capacity the way the local dispatcher's ``manager/scaling.py`` does:
   a wanted pool to zero on an empty queue);
 - wake from zero: target tracking cannot leave 0 (per-agent backlog means
   nothing without agents), so an alarm on "wanted and desired capacity 0" adds
-  ``max(1, min)`` agents;
+  ``max(1, min)`` agents. The desired capacity it reads is the manager's
+  ``DesiredCapacity`` (the group's, as last described), not AWS's
+  ``GroupDesiredCapacity``, which exists only per minute;
 - scale in while wanted: an alarm on "wanted, BacklogPerAgent below half the
   target for the scale-in cooldown, more than one agent" removes one agent,
   at most once per ``scale_in_cooldown``. Below half the target, one agent
@@ -24,6 +26,13 @@ Cooldowns map onto AWS as: ``scale_out_cooldown`` -> the target-tracking
 policy's estimated instance warm-up and the group's default instance warm-up;
 ``scale_in_cooldown`` -> the scale-in and idle policies' cooldown, the scale-in
 alarm's look-back and the group's default cooldown.
+
+Periods: the manager publishes every metric at high resolution, so the wake
+alarm and the target-tracking metrics use 10-second periods, and so do the
+scale-in and idle alarms while their look-back fits in the three hours
+CloudWatch keeps 10-second datapoints (``metrics.alarm_period``); longer ones
+use one minute. The alarms target tracking creates are AWS's own: their
+periods follow the metric's, their datapoint counts are not ours to set.
 
 Missing metrics (a silent manager) change nothing: every alarm treats missing
 data as not breaching, so agents neither start nor stop on a gap.
@@ -42,6 +51,7 @@ import pulumi_aws as aws
 from . import metrics
 from .iam import instance_profile, policy_document, statement
 from .launch import LaunchTemplateArgs, latest, secure_launch_template
+from .lifecycle_hook import HEARTBEAT_TIMEOUT_SECONDS, HOOK_NAME, drain_hook
 from .operations import OperationSpec, operation_env
 from .storage import OPERATIONS_PREFIX, STREAMS_PREFIX
 from .user_data import agent_user_data
@@ -49,10 +59,12 @@ from .user_data import agent_user_data
 # Below this fraction of the target, removing one agent keeps the rest at or
 # under the target (n agents at < T/2 each carry < T each as n-1 for n >= 2).
 SCALE_IN_FRACTION = 0.5
-# The wake alarm's gate (desired capacity) lags one metric period; a cooldown of
-# two periods keeps one wake-up from being counted twice.
-WAKE_COOLDOWN_SECONDS = 2 * metrics.PERIOD_SECONDS
-# The group's own capacity metrics the wake and scale-in alarms read.
+# The wake alarm's gate (the manager's DesiredCapacity) lags the manager's view
+# of the group (refreshed every 15 s), a publish (5 s) and an alarm period (10 s);
+# a cooldown of a minute keeps one wake-up from being counted twice while an
+# alarm still in ALARM repeats its action (Auto Scaling actions repeat each minute).
+WAKE_COOLDOWN_SECONDS = 60
+# The group's own capacity metrics, for dashboards and the operator.
 GROUP_METRICS = ("GroupDesiredCapacity", "GroupInServiceInstances")
 # A rolling instance refresh replaces agents when the template changes (a new
 # definition or image) while keeping half of them consuming.
@@ -65,8 +77,9 @@ def seconds(value: float) -> int:
 
 
 def periods(duration: float) -> int:
-    """Alarm evaluation periods covering ``duration`` seconds (at least one)."""
-    return max(1, math.ceil(duration / metrics.PERIOD_SECONDS))
+    """Alarm evaluation periods covering ``duration`` seconds (at least one), each
+    of :func:`metrics.alarm_period` for that look-back."""
+    return max(1, math.ceil(duration / metrics.alarm_period(duration)))
 
 
 def object_prefixes(spec: OperationSpec, producers: Sequence[str]) -> list[str]:
@@ -168,12 +181,13 @@ class OperationPool(pulumi.ComponentResource):
                 # uploads and its producers' outputs (and its own, under object_store).
                 object_allow=[f"s3://{values[1]}/{prefix.rstrip('/')}"
                               for prefix in object_prefixes(spec, args.producers)],
-                broker_url_parameter=values[0], region=values[2])))
+                broker_url_parameter=values[0], region=values[2],
+                lifecycle_hook=HOOK_NAME, heartbeat_timeout=HEARTBEAT_TIMEOUT_SECONDS)))
         template = secure_launch_template(f"{name}-lt", LaunchTemplateArgs(
             image=args.image, instance_type=spec.instance_type or args.instance_type,
             instance_profile_arn=profile.arn, security_group_ids=[args.security_group_id],
             user_data=user_data, root_volume_gb=args.root_volume_gb,
-            tags={**tags, "Name": name}), self)
+            tags={**tags, "Name": name}, metadata_tags=True), self)
         group = aws.autoscaling.Group(
             f"{name}-asg",
             min_size=spec.min,
@@ -195,6 +209,8 @@ class OperationPool(pulumi.ComponentResource):
                   for key, value in sorted({**tags, "Name": name}.items())],
             opts=child,
         )
+        # Scale-in drains: the termination hook waits for the node's lifecycle handler.
+        drain_hook(name, group, profile.role, self)
         self._scaling(name, spec, group, child)
         self.group_name = group.name
         self.launch_template_id = template.id
@@ -227,8 +243,8 @@ class OperationPool(pulumi.ComponentResource):
             adjustment_type="ChangeInCapacity", scaling_adjustment=floor,
             cooldown=WAKE_COOLDOWN_SECONDS, opts=child)
         _math_alarm(f"{name}-wake-alarm", f"{spec.name}: wanted with no agents: start {floor}",
-                    "IF(wanted >= 1 AND desired < 1, 1, 0)", 1, dims, group, wake,
-                    child)
+                    "IF(wanted >= 1 AND desired < 1, 1, 0)", 1, metrics.ALARM_PERIOD_SECONDS,
+                    dims, wake, child)
         shrink = aws.autoscaling.Policy(
             f"{name}-shrink", autoscaling_group_name=group.name, policy_type="SimpleScaling",
             adjustment_type="ChangeInCapacity", scaling_adjustment=-1,
@@ -237,7 +253,8 @@ class OperationPool(pulumi.ComponentResource):
         _math_alarm(f"{name}-shrink-alarm",
                     f"{spec.name}: backlog per agent below {low:g}: one fewer",
                     f"IF(wanted >= 1 AND backlogperagent < {low:g} AND desired > {floor}, 1, 0)",
-                    periods(spec.scale_in_cooldown), dims, group, shrink, child)
+                    periods(spec.scale_in_cooldown), metrics.alarm_period(spec.scale_in_cooldown),
+                    dims, shrink, child)
         idle = aws.autoscaling.Policy(
             f"{name}-idle", autoscaling_group_name=group.name, policy_type="SimpleScaling",
             adjustment_type="ExactCapacity", scaling_adjustment=0,
@@ -247,7 +264,7 @@ class OperationPool(pulumi.ComponentResource):
             f"{name}-idle-alarm",
             alarm_description=f"{spec.name}: unwanted for {spec.idle_seconds:g}s: scale to zero",
             namespace=metrics.NAMESPACE, metric_name=metrics.WANTED, dimensions=dims,
-            statistic="Maximum", period=metrics.PERIOD_SECONDS,
+            statistic="Maximum", period=metrics.alarm_period(spec.idle_seconds),
             comparison_operator="LessThanThreshold", threshold=1,
             evaluation_periods=idle_periods, datapoints_to_alarm=idle_periods,
             treat_missing_data="notBreaching", alarm_actions=[idle.arn], opts=child)
@@ -263,31 +280,31 @@ def with_env(spec: OperationSpec, operations_env: Any) -> dict[str, Any]:
 
 
 def _tracked(metric: str, stat: str, dims: dict[str, str]) -> dict[str, Any]:
+    # High-resolution metrics: target tracking may read them at 10 s.
     return {"id": metric.lower(), "return_data": False, "metric_stat": {
-        "stat": stat,
+        "stat": stat, "period": metrics.ALARM_PERIOD_SECONDS,
         "metric": {"namespace": metrics.NAMESPACE, "metric_name": metric,
                    "dimensions": [{"name": k, "value": v} for k, v in sorted(dims.items())]}}}
 
 
 def _math_alarm(name: str, description: str, expression: str, evaluation_periods: int,
-                dims: dict[str, str], group: aws.autoscaling.Group,
-                policy: aws.autoscaling.Policy, child: pulumi.ResourceOptions) -> None:
-    """An alarm that fires ``policy`` while ``expression`` is 1.
+                period: int, dims: dict[str, str], policy: aws.autoscaling.Policy,
+                child: pulumi.ResourceOptions) -> None:
+    """An alarm that fires ``policy`` while ``expression`` is 1, evaluated every ``period``.
 
-    The expression may use ``wanted``, ``backlogperagent`` (the operation's
-    metrics) and ``desired`` (the group's desired capacity).
+    The expression may use ``wanted``, ``backlogperagent`` and ``desired`` (the
+    group's desired capacity): all three the manager's high-resolution metrics.
     """
-    sources: list[tuple[str, str, str, str, pulumi.Input[dict[str, str]]]] = [
-        ("wanted", metrics.NAMESPACE, metrics.WANTED, "Maximum", dims),
-        ("backlogperagent", metrics.NAMESPACE, metrics.BACKLOG_PER_AGENT, "Average", dims),
-        ("desired", "AWS/AutoScaling", "GroupDesiredCapacity", "Maximum",
-         group.name.apply(lambda n: {"AutoScalingGroupName": n})),
+    sources: list[tuple[str, str, str]] = [
+        ("wanted", metrics.WANTED, "Maximum"),
+        ("backlogperagent", metrics.BACKLOG_PER_AGENT, "Average"),
+        ("desired", metrics.DESIRED_CAPACITY, "Maximum"),
     ]
     queries: list[dict[str, Any]] = [
         {"id": query_id, "return_data": False, "metric": {
-            "namespace": namespace, "metric_name": metric, "stat": stat,
-            "period": metrics.PERIOD_SECONDS, "dimensions": dimensions}}
-        for query_id, namespace, metric, stat, dimensions in sources if query_id in expression]
+            "namespace": metrics.NAMESPACE, "metric_name": metric, "stat": stat,
+            "period": period, "dimensions": dims}}
+        for query_id, metric, stat in sources if query_id in expression]
     aws.cloudwatch.MetricAlarm(
         name,
         alarm_description=description,

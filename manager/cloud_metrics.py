@@ -34,26 +34,54 @@ WANTED = "Wanted"
 # Backlog / max(1, running agents): what the target-tracking policy holds at
 # the operation's target_backlog_per_agent.
 BACKLOG_PER_AGENT = "BacklogPerAgent"
+# The operation's autoscaling group's desired capacity, as the manager last read
+# it (DescribeAutoScalingGroups). The wake and scale-in alarms gate on it rather
+# than on AWS's own GroupDesiredCapacity, which Auto Scaling publishes only at
+# one-minute granularity: an alarm on it cannot have a 10-second period.
+DESIRED_CAPACITY = "DesiredCapacity"
 
-# One datapoint a minute at least: standard-resolution metrics are the cheapest,
-# and alarms on them can use 60-second periods. The alarms use the same period,
-# so a manager that publishes less often looks like missing data.
-PERIOD_SECONDS = 60
+# Every datum is high resolution (StorageResolution 1), so alarms on these
+# metrics may use 10-second periods; AWS charges a high-resolution alarm more
+# than a standard one (see the README's "On AWS").
+STORAGE_RESOLUTION = 1
+# The period of the pools' alarms on these metrics (10, 20 or 30 s are allowed
+# only on high-resolution metrics).
+ALARM_PERIOD_SECONDS = 10
+# CloudWatch keeps sub-minute datapoints for three hours; an alarm looking back
+# further than that uses the standard period instead.
+HIGH_RESOLUTION_LOOKBACK_SECONDS = 3 * 3600
+STANDARD_PERIOD_SECONDS = 60
+
+# Every operation is published at least this often, whether or not anything
+# changed: half the alarm period, so each 10-second bucket an alarm evaluates
+# holds a datapoint (alarms treat a missing one as "not breaching", which would
+# restart an idle alarm's count). One PutMetricData request carries up to
+# MAX_DATUMS_PER_CALL datums, so this is one request per interval for up to 250
+# operations.
+PUBLISH_INTERVAL = 5.0
+
+# A Wanted flip or a new operation is published at once, not at the next
+# interval; a flapping demand still costs at most one extra request a second.
+MIN_FLIP_INTERVAL = 1.0
 
 # CloudWatch's limit of datums in one PutMetricData request.
 MAX_DATUMS_PER_CALL = 1000
-
-# A backlog that keeps moving would otherwise be published every reconciler pass
-# (once a second, ~86,000 billed requests a day); a few samples a minute are
-# plenty for one-minute alarms. A wanted flip or a new operation skips the wait.
-MIN_CHANGE_INTERVAL = 10.0
 
 # After a failed publish (no credentials, no route to CloudWatch, throttling)
 # wait this long before the next attempt, so a lasting error costs one request
 # per interval rather than one per pass.
 RETRY_SECONDS = 15.0
 
-UNITS = {BACKLOG: "Count", WANTED: "None", BACKLOG_PER_AGENT: "Count"}
+UNITS = {BACKLOG: "Count", WANTED: "None", BACKLOG_PER_AGENT: "Count",
+         DESIRED_CAPACITY: "Count"}
+
+
+def alarm_period(lookback: float) -> int:
+    """The period of an alarm that looks back ``lookback`` seconds: high resolution
+    while CloudWatch keeps 10-second datapoints that long, else one minute."""
+    if lookback <= HIGH_RESOLUTION_LOOKBACK_SECONDS:
+        return ALARM_PERIOD_SECONDS
+    return STANDARD_PERIOD_SECONDS
 
 
 def dimensions(operation: str) -> dict[str, str]:
@@ -72,12 +100,15 @@ class Sample:
         running: its running agents; None when unknown (the autoscaling groups
             could not be read), which leaves ``BacklogPerAgent`` out rather than
             publishing a per-agent backlog computed for zero agents.
+        desired: its group's desired capacity; None when unknown (no group yet,
+            or the groups could not be read), which leaves ``DesiredCapacity`` out.
     """
 
     operation: str
     backlog: int
     wanted: bool
     running: int | None
+    desired: int | None = None
 
 
 def values(sample: Sample) -> dict[str, float]:
@@ -86,6 +117,8 @@ def values(sample: Sample) -> dict[str, float]:
                                 WANTED: 1.0 if sample.wanted else 0.0}
     if sample.running is not None:
         result[BACKLOG_PER_AGENT] = sample.backlog / max(1, sample.running)
+    if sample.desired is not None:
+        result[DESIRED_CAPACITY] = float(sample.desired)
     return result
 
 
@@ -98,14 +131,15 @@ def metric_data(samples: Iterable[Sample], timestamp: datetime) -> list[dict[str
 
     Returns:
         Datums in boto3's shape (``MetricName``, ``Dimensions``, ``Timestamp``,
-        ``Value``, ``Unit``).
+        ``Value``, ``Unit``, ``StorageResolution``).
     """
     data = []
     for sample in sorted(samples, key=lambda s: s.operation):
         dims = [{"Name": k, "Value": v} for k, v in sorted(dimensions(sample.operation).items())]
         for name, value in sorted(values(sample).items()):
             data.append({"MetricName": name, "Dimensions": dims, "Timestamp": timestamp,
-                         "Value": value, "Unit": UNITS[name]})
+                         "Value": value, "Unit": UNITS[name],
+                         "StorageResolution": STORAGE_RESOLUTION})
     return data
 
 
@@ -120,21 +154,28 @@ def _default_client() -> Any:
 
 
 class MetricsPublisher:
-    """Publishes the scaling metrics at least once a period and soon after a change.
+    """Publishes the scaling metrics every interval, and at once when demand changes.
 
-    Not thread-safe: one thread calls :meth:`publish_if_due`.
+    Not thread-safe: one thread calls :meth:`publish_if_due`; :meth:`last` may be
+    read from any.
 
     Parameters:
         client_factory: makes the CloudWatch client on first use (region and
             credentials from the usual AWS chain); tests pass a moto-backed one.
         wall_clock: the time the datums carry.
+        interval: seconds between publishes when nothing changes.
+        min_flip_interval: seconds a Wanted flip waits after the last publish.
     """
 
     def __init__(self, client_factory: Callable[[], Any] = _default_client,
-                 wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 interval: float = PUBLISH_INTERVAL,
+                 min_flip_interval: float = MIN_FLIP_INTERVAL) -> None:
         self._client_factory = client_factory
         self._client: Any = None
         self._wall_clock = wall_clock
+        self.interval = interval
+        self.min_flip_interval = min_flip_interval
         self._published: dict[str, dict[str, float]] | None = None
         self._published_at = float("-inf")
         self._retry_at = float("-inf")
@@ -146,15 +187,20 @@ class MetricsPublisher:
         """Whether ``samples`` should be published at monotonic time ``now``."""
         if now < self._retry_at:
             return False
-        if self._published is None or now - self._published_at >= PERIOD_SECONDS:
+        if self._published is None or now - self._published_at >= self.interval:
             return True
         current = {name: values(s) for name, s in samples.items()}
-        if current == self._published:
-            return False
         if set(current) != set(self._published) or any(
                 current[n].get(WANTED) != self._published[n].get(WANTED) for n in current):
-            return True
-        return now - self._published_at >= MIN_CHANGE_INTERVAL
+            return now - self._published_at >= self.min_flip_interval
+        return False
+
+    def last(self) -> dict[str, Any]:
+        """What was last published, for ``status``: the time and the values by operation."""
+        published = self._published
+        return {"published_at": self.last_published_at,
+                "values": {} if published is None else
+                {name: dict(sorted(v.items())) for name, v in sorted(published.items())}}
 
     def publish_if_due(self, samples: Mapping[str, Sample], now: float) -> bool:
         """Publish ``samples`` (by operation) if :meth:`due`; errors are logged once.
@@ -162,6 +208,11 @@ class MetricsPublisher:
         Returns:
             True when they were published now.
         """
+        if not samples:
+            # Nothing to send; not a publish either, so the first operation's
+            # metrics go out at once rather than after the flip bound.
+            self._published = {}
+            return False
         if not self.due(samples, now):
             return False
         try:

@@ -449,11 +449,12 @@ def metric_values(operation: str, around: datetime = STAMP) -> dict[str, float]:
 
 def test_metrics_reach_cloudwatch_with_their_names_dimension_and_values(aws_env):
     publisher = MetricsPublisher(wall_clock=lambda: STAMP)
-    samples = {"upper": Sample("upper", 2500, True, 2), "idle": Sample("idle", 7, False, 0),
+    samples = {"upper": Sample("upper", 2500, True, 2, 3), "idle": Sample("idle", 7, False, 0),
                "blind": Sample("blind", 30, True, None)}
     assert publisher.publish_if_due(samples, now=0.0)
     assert publisher.published_calls == 1
-    assert metric_values("upper") == {"Backlog": 2500.0, "Wanted": 1.0, "BacklogPerAgent": 1250.0}
+    assert metric_values("upper") == {"Backlog": 2500.0, "Wanted": 1.0, "BacklogPerAgent": 1250.0,
+                                      "DesiredCapacity": 3.0}
     # No agents: backlog per agent is the whole backlog (max(1, running)).
     assert metric_values("idle") == {"Backlog": 7.0, "Wanted": 0.0, "BacklogPerAgent": 7.0}
     # Agents unknown: no per-agent value rather than a wrong one.
@@ -466,9 +467,40 @@ def test_the_pulumi_program_scales_on_the_same_names():
     from infra import metrics
 
     assert (metrics.NAMESPACE, metrics.OPERATION_DIMENSION, metrics.BACKLOG, metrics.WANTED,
-            metrics.BACKLOG_PER_AGENT, metrics.PERIOD_SECONDS) == (
-        "streamboss", "Operation", "Backlog", "Wanted", "BacklogPerAgent", 60)
+            metrics.BACKLOG_PER_AGENT, metrics.DESIRED_CAPACITY) == (
+        "streamboss", "Operation", "Backlog", "Wanted", "BacklogPerAgent", "DesiredCapacity")
     assert metrics.dimensions is cloud_metrics.dimensions
+    assert metrics.alarm_period is cloud_metrics.alarm_period
+
+
+def test_every_datum_is_high_resolution_so_alarms_may_use_10_second_periods():
+    client = CountingClient()
+    publisher = MetricsPublisher(lambda: client, wall_clock=lambda: STAMP)
+    publisher.publish_if_due({"op": Sample("op", 5, True, 1, 1),
+                              "blind": Sample("blind", 5, True, None)}, 0.0)
+    (data,) = client.calls
+    assert len(data) == 6
+    assert all(d["StorageResolution"] == 1 for d in data)
+    # An alarm on them may have a 10-second period while CloudWatch keeps such
+    # datapoints (three hours); a longer look-back falls back to one minute.
+    assert cloud_metrics.alarm_period(10) == 10
+    assert cloud_metrics.alarm_period(3 * 3600) == 10
+    assert cloud_metrics.alarm_period(3 * 3600 + 1) == 60
+    # Published twice per alarm period: every 10-second bucket holds a datapoint.
+    assert cloud_metrics.PUBLISH_INTERVAL * 2 <= cloud_metrics.ALARM_PERIOD_SECONDS
+
+
+def test_moto_cloudwatch_takes_the_high_resolution_datums(aws_env):
+    publisher = MetricsPublisher(wall_clock=lambda: datetime.now(UTC))
+    assert publisher.publish_if_due({"op": Sample("op", 3, True, 1, 1)}, 0.0)
+    assert publisher.last_error is None
+    client = boto3.client("cloudwatch", region_name=REGION)
+    now = datetime.now(UTC)
+    stats = client.get_metric_statistics(
+        Namespace="streamboss", MetricName="Wanted",
+        Dimensions=[{"Name": "Operation", "Value": "op"}], StartTime=now - timedelta(minutes=5),
+        EndTime=now + timedelta(minutes=5), Period=10, Statistics=["Maximum"])["Datapoints"]
+    assert [d["Maximum"] for d in stats] == [1.0]
 
 
 def test_more_than_a_thousand_datums_go_in_several_calls(aws_env):
@@ -492,22 +524,28 @@ class CountingClient:
         self.calls.append(MetricData)
 
 
-def test_published_every_period_at_once_on_a_wanted_flip_and_soon_on_a_backlog_change():
+def test_published_every_interval_and_at_once_on_a_wanted_flip_at_most_once_a_second():
     client = CountingClient()
     publisher = MetricsPublisher(lambda: client, wall_clock=lambda: STAMP)
     quiet = {"op": Sample("op", 10, False, 0)}
     assert publisher.publish_if_due(quiet, 0.0)
-    assert not publisher.publish_if_due(quiet, 30.0)           # nothing changed
-    assert publisher.publish_if_due(quiet, 60.0)               # a period passed
-    assert publisher.publish_if_due({"op": Sample("op", 10, True, 0)}, 61.0)   # wanted flipped
-    busier = {"op": Sample("op", 500, True, 0)}
-    assert not publisher.publish_if_due(busier, 65.0)          # backlog moved: wait a little
-    assert publisher.publish_if_due(busier, 71.0)              # ... at most 10 s
-    both = {"op": Sample("op", 500, True, 0), "new": Sample("new", 0, False, 0)}
-    assert publisher.publish_if_due(both, 72.0)                # a new operation: at once
+    assert not publisher.publish_if_due(quiet, 4.9)            # nothing changed
+    assert publisher.publish_if_due(quiet, 5.0)                # an interval passed: again
+    busier = {"op": Sample("op", 500, False, 0)}
+    assert not publisher.publish_if_due(busier, 6.0)           # backlog moved: next interval
+    assert publisher.publish_if_due({"op": Sample("op", 500, True, 0)}, 6.5)  # wanted flipped
+    # Flapping demand: at most one extra publish a second.
+    assert not publisher.publish_if_due({"op": Sample("op", 500, False, 0)}, 7.0)
+    assert publisher.publish_if_due({"op": Sample("op", 500, False, 0)}, 7.5)
+    both = {"op": Sample("op", 500, False, 0), "new": Sample("new", 0, False, 0)}
+    assert not publisher.publish_if_due(both, 8.0)
+    assert publisher.publish_if_due(both, 8.5)                 # a new operation: at once
     assert len(client.calls) == 5
-    values = {d["MetricName"]: d["Value"] for d in client.calls[3]}
+    values = {d["MetricName"]: d["Value"] for d in client.calls[2]}
     assert values == {"Backlog": 500.0, "Wanted": 1.0, "BacklogPerAgent": 500.0}
+    assert publisher.last() == {"published_at": "2026-01-02T03:04:00Z", "values": {
+        "new": {"Backlog": 0.0, "BacklogPerAgent": 0.0, "Wanted": 0.0},
+        "op": {"Backlog": 500.0, "BacklogPerAgent": 500.0, "Wanted": 0.0}}}
 
 
 def test_a_failing_publish_is_logged_once_retried_later_and_never_raised(caplog):
@@ -682,7 +720,7 @@ def test_a_reconciler_pass_declares_topology_offers_the_config_and_publishes_met
         assert dispatcher.local.pools == {}    # no local agent process for an operation
         dispatcher.observe()
         assert metric_values(operation, datetime.now(UTC)) == {
-            "Backlog": 6.0, "Wanted": 1.0, "BacklogPerAgent": 3.0}
+            "Backlog": 6.0, "Wanted": 1.0, "BacklogPerAgent": 3.0, "DesiredCapacity": 2.0}
         # The declarations became the stack config, applied once the debounce is over.
         expected = render(operations_config(store.operations(),
                                             {d.id: d for d in store.definitions()}))
@@ -697,6 +735,65 @@ def test_a_reconciler_pass_declares_topology_offers_the_config_and_publishes_met
         reconciler.broker.close()
         store.close()
     assert Broker(broker_url).queue_state(op_queue(operation)) is None
+
+
+def wanted_datapoints(operation: str) -> tuple[int, float | None, float | None]:
+    """How many ``Wanted`` datums of ``operation`` moto holds, and their minimum and maximum."""
+    client = boto3.client("cloudwatch", region_name=REGION)
+    now = datetime.now(UTC)
+    stats = client.get_metric_statistics(
+        Namespace="streamboss", MetricName="Wanted",
+        Dimensions=[{"Name": "Operation", "Value": operation}],
+        StartTime=now - timedelta(days=1), EndTime=now + timedelta(days=1), Period=86_400,
+        Statistics=["SampleCount", "Minimum", "Maximum"])["Datapoints"]
+    if not stats:
+        return 0, None, None
+    return (int(sum(d["SampleCount"] for d in stats)), min(d["Minimum"] for d in stats),
+            max(d["Maximum"] for d in stats))
+
+
+def test_a_new_consumer_publishes_wanted_1_at_once_not_at_the_next_periodic_publish(
+        aws_env, tmp_path: Path, broker_url: str, names):
+    """Demand appears -> the observer thread publishes Wanted = 1 through moto's
+    CloudWatch, although the periodic publish is an hour away and the test's clock
+    moves only the one second the flip bound asks for: only the flip can publish."""
+    store = Store(tmp_path / "state")
+    clock = Clock()
+    publisher = MetricsPublisher(interval=3600.0)
+    dispatcher = AwsDispatcher(store, RecordingDriver(),
+                               LocalDispatcher(tmp_path / "state", broker_url),
+                               metrics=publisher, debounce=3600.0, clock=clock)
+    reconciler = Reconciler(store, Broker(broker_url), dispatcher)
+    source, sink, operation = names("in"), names("out"), names("op")
+    definition = store.define_process({"definition": {"exec": "cat", "name": "relay"}})
+    store.create_stream(source)
+    store.create_operation(operation, str(definition.id), source, sink, {"min": 0, "max": 2})
+    make_group("agents-op-asg", "dev", operation, 0)
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    dispatcher.start()
+    try:
+        reconciler.run_pass()
+        assert not reconciler.status[operation].wanted
+        wait_for(lambda: publisher.published_calls == 1)      # a new operation: at once
+        assert wanted_datapoints(operation) == (1, 0.0, 0.0)
+        clock.now += 1.0                                        # the flip bound, no more
+        channel = connection.channel()
+        watcher = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_bind(watcher, stream_exchange(sink), "#")
+        channel.basic_consume(watcher, lambda *_: None)
+        reconciler.run_pass()
+        assert reconciler.status[operation].wanted
+        wait_for(lambda: wanted_datapoints(operation) == (2, 0.0, 1.0), timeout=30)
+        assert publisher.published_calls == 2
+        assert publisher.last()["values"][operation]["Wanted"] == 1.0
+    finally:
+        dispatcher.stop_all(timeout=5)
+        connection.close()
+        reconciler.broker.delete_operation(operation, dead_queue(operation))
+        for stream in (source, sink):
+            reconciler.broker.delete_stream(stream)
+        reconciler.broker.close()
+        store.close()
 
 
 # -- the API and the CLI show the stack's state ----------------------------------------------------
@@ -895,7 +992,8 @@ def test_a_real_aws_manager_drives_the_automation_api_and_publishes_to_cloudwatc
         def published() -> set[str] | None:
             names = {m["MetricName"] for m in cloudwatch.list_metrics(
                 Namespace="streamboss", Dimensions=dims)["Metrics"]}
-            return names if names == {"Backlog", "Wanted", "BacklogPerAgent"} else None
+            return names if names == {"Backlog", "Wanted", "BacklogPerAgent",
+                                      "DesiredCapacity"} else None
 
         wait_for_value(published, 30)
         shown = manager.cli("status")

@@ -459,6 +459,8 @@ def test_target_tracking_holds_the_declared_backlog_per_agent_while_wanted(stack
         stat = queries[query_id]["metricStat"]["metric"]
         assert stat["metricName"] == metric and stat["namespace"] == metrics.NAMESPACE
         assert stat["dimensions"] == [{"name": "Operation", "value": "resize"}]
+        # The manager's metrics are high resolution: tracked at 10 s, not AWS's default 60.
+        assert queries[query_id]["metricStat"]["period"] == 10
     (returned,) = [q for q in queries.values() if q["returnData"]]
     assert returned["expression"] == "IF(wanted >= 1, backlogperagent, 0)"
 
@@ -480,17 +482,23 @@ def test_a_wanted_pool_wakes_from_zero(stack):
     queries = {q["id"]: q for q in alarm["metricQueries"]}
     assert queries["wanted"]["metric"]["metricName"] == metrics.WANTED
     assert queries["wanted"]["metric"]["dimensions"] == {"Operation": "resize"}
-    assert queries["desired"]["metric"]["metricName"] == "GroupDesiredCapacity"
-    assert queries["desired"]["metric"]["dimensions"] == {
-        "AutoScalingGroupName": "agents-resize-asg"}
+    # The gate is the manager's high-resolution DesiredCapacity: AWS's own
+    # GroupDesiredCapacity exists only per minute and would hold the alarm at 60 s.
+    assert queries["desired"]["metric"]["metricName"] == metrics.DESIRED_CAPACITY
+    assert queries["desired"]["metric"]["namespace"] == metrics.NAMESPACE
+    assert queries["desired"]["metric"]["dimensions"] == {"Operation": "resize"}
+    assert {q["metric"]["period"] for q in queries.values() if "metric" in q} == {10}
     assert queries["act"]["expression"] == "IF(wanted >= 1 AND desired < 1, 1, 0)"
     assert alarm["comparisonOperator"] == "GreaterThanOrEqualToThreshold"
     assert alarm["threshold"] == 1 and alarm["evaluationPeriods"] == 1
     assert alarm["treatMissingData"] == "notBreaching"
 
 
-@pytest.mark.parametrize(("idle", "periods"), [(1800, 30), (90, 2), (0, 1), (60, 1)])
-def test_an_unwanted_pool_goes_to_zero_after_its_idle_period(stack, idle, periods):
+@pytest.mark.parametrize(("idle", "periods", "period"), [
+    (1800, 180, 10), (95, 10, 10), (0, 1, 10), (60, 6, 10), (10_800, 1080, 10),
+    # Beyond the three hours CloudWatch keeps 10-second datapoints: one-minute periods.
+    (10_801, 181, 60), (86_400, 1440, 60)])
+def test_an_unwanted_pool_goes_to_zero_after_its_idle_period(stack, idle, periods, period):
     stack.run(lambda: declare_pool(sample_spec(idle_seconds=idle, min=0)).group_name)
 
     idle_policy = stack.named("agents-resize-idle")
@@ -502,9 +510,11 @@ def test_an_unwanted_pool_goes_to_zero_after_its_idle_period(stack, idle, period
     assert alarm["dimensions"] == {"Operation": "resize"}
     assert alarm["comparisonOperator"] == "LessThanThreshold" and alarm["threshold"] == 1
     assert alarm["evaluationPeriods"] == alarm["datapointsToAlarm"] == periods
-    assert alarm["period"] == metrics.PERIOD_SECONDS
+    assert alarm["period"] == period
     window = alarm["evaluationPeriods"] * alarm["period"]
-    assert idle <= window < max(idle, 1) + metrics.PERIOD_SECONDS
+    assert idle <= window < max(idle, 1) + period
+    # CloudWatch: at most a day of look-back for periods under an hour.
+    assert window <= 86_400
 
 
 def test_a_wanted_pool_scales_in_one_agent_per_cooldown_but_never_below_one(stack):
@@ -517,7 +527,8 @@ def test_a_wanted_pool_scales_in_one_agent_per_cooldown_but_never_below_one(stac
     alarm = alarm_for(stack, "agents-resize-shrink")
     (act,) = [q for q in alarm["metricQueries"] if q["returnData"]]
     assert act["expression"] == "IF(wanted >= 1 AND backlogperagent < 10 AND desired > 1, 1, 0)"
-    assert alarm["evaluationPeriods"] == 5
+    assert alarm["evaluationPeriods"] == 30                    # 300 s at 10 s
+    assert {q["metric"]["period"] for q in alarm["metricQueries"] if "metric" in q} == {10}
 
 
 def test_an_agent_reads_its_secret_and_its_prefixes_only(stack):
@@ -555,7 +566,7 @@ def test_the_agent_user_data_is_a_config_the_agent_itself_accepts(stack, tmp_pat
 
     template = stack.named("agents-resize-lt")
     files = written(template)
-    assert set(files) == {"agent.json", "agent.env"}
+    assert set(files) == {"agent.json", "agent.env", "lifecycle.env"}
     env = dict(line.split("=", 1) for line in files["agent.env"].splitlines())
     assert env == {"STREAMBOSS_BROKER_URL_PARAMETER": "/streamboss/t/broker-url",
                    "AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-1"}
@@ -570,7 +581,8 @@ def test_the_agent_user_data_is_a_config_the_agent_itself_accepts(stack, tmp_pat
     assert agent.object_allow == ("s3://objects-b/operations/resize",
                                   "s3://objects-b/streams/images")
     assert cloud_config(template)["runcmd"] == [
-        ["systemctl", "enable", "--now", "stream-agent.service"]]
+        ["systemctl", "enable", "--now", "stream-agent.service",
+         "stream-agent-lifecycle.service"]]
 
 
 def test_an_operation_may_name_its_own_image_and_instance_type(stack):

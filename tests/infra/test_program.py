@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = ("count", "resize", "upper")
 # Every resource of one pool is named agents-<operation> or agents-<operation>-<part>.
 POOL_PARTS = ("", "-role", "-policy", "-profile", "-lt", "-asg", "-track", "-wake",
-              "-wake-alarm", "-shrink", "-shrink-alarm", "-idle", "-idle-alarm")
+              "-wake-alarm", "-shrink", "-shrink-alarm", "-idle", "-idle-alarm", "-drain",
+              "-drain-policy")
 
 
 def run_program(stack, config: dict[str, str] | None = None) -> Any:
@@ -75,7 +76,8 @@ def test_cooldowns_and_idle_periods_are_the_declared_ones(stack):
     assert stack.named("agents-resize-track").inputs["estimatedInstanceWarmup"] == 120
     assert stack.named("agents-resize-shrink").inputs["cooldown"] == 600
     assert stack.named("agents-resize-idle").inputs["cooldown"] == 600
-    assert stack.named("agents-resize-idle-alarm").inputs["evaluationPeriods"] == 30
+    idle_alarm = stack.named("agents-resize-idle-alarm").inputs
+    assert (idle_alarm["evaluationPeriods"], idle_alarm["period"]) == (180, 10)  # 1800 s at 10 s
     assert stack.named("agents-resize-asg").inputs["defaultCooldown"] == 600
 
 
@@ -143,6 +145,7 @@ def test_no_policy_grants_a_wildcard_action_on_every_resource(stack):
         "storage-archive-tls-only.policy", "storage-objects-tls-only.policy",
         "network-s3.policy",
         *(f"{role}-policy.policy" for role in roles),
+        *(f"agents-{op}-drain-policy.policy" for op in OPERATIONS),
         *(f"{role}-role.assumeRolePolicy" for role in roles)])
     for name, document in documents:
         for statement in document["Statement"]:
