@@ -29,6 +29,8 @@ MAX_VALUE_BYTES = 4096
 
 TARGET_LIFECYCLE_STATE = "/latest/meta-data/autoscaling/target-lifecycle-state"
 INSTANCE_ID = "/latest/meta-data/instance-id"
+# Served only when the launch template enables tags in instance metadata.
+GROUP_NAME_TAG = "/latest/meta-data/tags/instance/aws:autoscaling:groupName"
 
 
 class MetadataError(Exception):

@@ -17,6 +17,12 @@ handler runs beside the agent on every agent node (the ``stream_agent`` role's
 4. completes the lifecycle action with ``CONTINUE`` once they have exited (or
    after ``--drain-limit`` seconds at most), then exits 0.
 
+The hook's name comes from the environment (user data's ``lifecycle.env``); the
+group's from ``--group`` or, as on the pools' nodes, the instance's
+``aws:autoscaling:groupName`` tag in instance metadata (the agents' launch
+templates serve tags there): user data cannot name the group, which is declared
+after the launch template it uses.
+
 Everything is bounded: every metadata and API request has a timeout, errors are
 one log line each and retried with backoff, and the handler never exits on a
 transient error (only a bad configuration exits 2, which the unit does not
@@ -42,7 +48,14 @@ from typing import Any, Protocol
 
 import click
 
-from .imds import INSTANCE_ID, TARGET_LIFECYCLE_STATE, Metadata, MetadataError, NotFound
+from .imds import (
+    GROUP_NAME_TAG,
+    INSTANCE_ID,
+    TARGET_LIFECYCLE_STATE,
+    Metadata,
+    MetadataError,
+    NotFound,
+)
 
 log = logging.getLogger("streamboss.lifecycle")
 
@@ -196,6 +209,8 @@ class Both:
 class Actions(Protocol):
     """The two lifecycle calls the node's role may make on its own group."""
 
+    group: str | None
+
     def heartbeat(self, instance_id: str) -> None: ...
 
     def complete(self, instance_id: str) -> None: ...
@@ -209,7 +224,8 @@ class AutoScalingActions:
     """``RecordLifecycleActionHeartbeat`` and ``CompleteLifecycleAction`` by instance id
     (no lifecycle token needed), on one group and hook."""
 
-    def __init__(self, group: str, hook: str, client: Any = None) -> None:
+    def __init__(self, group: str | None, hook: str, client: Any = None) -> None:
+        # None until the handler has read it from the instance's metadata.
         self.group = group
         self.hook = hook
         self._client = client
@@ -292,6 +308,9 @@ class Handler:
                 if instance_id is None:
                     instance_id = self.metadata.get(INSTANCE_ID)
                     log.info("watching instance %s", instance_id)
+                if self.actions.group is None:
+                    self.actions.group = self._group_name()
+                    log.info("its autoscaling group: %s", self.actions.group)
                 state = self._target_state()
             except MetadataError as exc:
                 failures += 1
@@ -314,6 +333,17 @@ class Handler:
                 return instance_id
             self.stopping.wait(self.timing.poll_interval)
         return None
+
+    def _group_name(self) -> str:
+        try:
+            name = self.metadata.get(GROUP_NAME_TAG)
+        except NotFound:
+            raise MetadataError(
+                f"no {GROUP_NAME_TAG.rsplit('/', 1)[1]} tag (tags in instance metadata not "
+                f"enabled, or not in a group): set --group or {GROUP_ENV}") from None
+        if not GROUP_NAME.fullmatch(name):
+            raise MetadataError(f"{GROUP_NAME_TAG}: not a group name")
+        return name
 
     def _target_state(self) -> str | None:
         try:
@@ -389,8 +419,9 @@ in-flight messages and exits 0; or SIGTERM to each --pid), records a lifecycle
 heartbeat every --heartbeat-interval seconds while any still runs, then
 completes the lifecycle action with CONTINUE and exits 0.
 
-The group and hook come from --group/--hook or {GROUP_ENV} and {HOOK_ENV} (the
-node's lifecycle.env, written by user data). AWS credentials and region come
+The hook comes from --hook or {HOOK_ENV} (the node's lifecycle.env, written by
+user data); the group from --group, {GROUP_ENV}, or else the instance's
+aws:autoscaling:groupName tag in instance metadata. AWS credentials and region come
 the usual boto3 way (the instance profile; AWS_REGION); the node's role may
 make only these two calls, on its own group.
 """
@@ -398,7 +429,8 @@ make only these two calls, on its own group.
 
 @click.command("stream-agent-lifecycle", help=HELP)
 @click.option("--group", envvar=GROUP_ENV, metavar="NAME",
-              help=f"The instance's autoscaling group.  [env: {GROUP_ENV}]")
+              help=f"The instance's autoscaling group.  [env: {GROUP_ENV}; default: the "
+              "aws:autoscaling:groupName tag in instance metadata]")
 @click.option("--hook", envvar=HOOK_ENV, metavar="NAME",
               help=f"The group's termination lifecycle hook.  [env: {HOOK_ENV}]")
 @click.option("--unit", "units", multiple=True, metavar="UNIT",
@@ -457,17 +489,16 @@ def lifecycle_command(group: str | None, hook: str | None, units: tuple[str, ...
         signal.signal(sig, on_signal)
     handler = Handler(Metadata(), parts[0] if len(parts) == 1 else Both(*parts),
                       AutoScalingActions(group, hook), timing, stopping)
-    log.info("group %s, hook %s; agents: %s", group, hook,
+    log.info("group %s, hook %s; agents: %s", group or "(from instance metadata)", hook,
              ", ".join([*unit_list, *(f"pid {p}" for p in pids)]))
     sys.exit(handler.run())
 
 
-def _names(group: str | None, hook: str | None) -> tuple[str, str]:
-    if not group:
-        raise click.UsageError(f"no autoscaling group: set --group or {GROUP_ENV}")
+def _names(group: str | None, hook: str | None) -> tuple[str | None, str]:
+    group = group or None  # an empty setting: read it from the instance's metadata
     if not hook:
         raise click.UsageError(f"no lifecycle hook: set --hook or {HOOK_ENV}")
-    if not GROUP_NAME.fullmatch(group):
+    if group is not None and not GROUP_NAME.fullmatch(group):
         raise click.UsageError(f"{GROUP_ENV} must be 1 to 255 printable characters")
     if not HOOK_NAME.fullmatch(hook):
         raise click.UsageError(f"{HOOK_ENV} must be 1 to 255 of A-Z a-z 0-9 _ - /")

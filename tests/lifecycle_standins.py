@@ -2,8 +2,10 @@
 
 - :class:`StandInMetadata`: IMDSv2 on loopback. ``PUT /latest/api/token`` needs the
   TTL header; every ``GET`` needs the token it handed out (else 401, as IMDS with
-  ``http_tokens = required``). It serves ``instance-id`` and
-  ``autoscaling/target-lifecycle-state``, which a test switches to ``Terminated``.
+  ``http_tokens = required``). It serves ``instance-id``,
+  ``autoscaling/target-lifecycle-state`` (which a test switches to ``Terminated``) and,
+  when given one, the ``aws:autoscaling:groupName`` instance tag (as with tags in
+  instance metadata enabled).
 - :func:`lifecycle_actions_in_moto`: moto 5.2.5 has no ``CompleteLifecycleAction``
   or ``RecordLifecycleActionHeartbeat`` (both raise NotImplementedError). This adds
   them to moto's autoscaling responses for one test, checking what AWS checks (the
@@ -24,14 +26,17 @@ from typing import Any
 TOKEN_PATH = "/latest/api/token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
+GROUP_TAG = "/latest/meta-data/tags/instance/aws:autoscaling:groupName"
 
 
 class StandInMetadata:
     """A loopback IMDSv2 serving one instance's id and target lifecycle state."""
 
-    def __init__(self, instance_id: str, state: str = "InService") -> None:
+    def __init__(self, instance_id: str, state: str = "InService",
+                 group: str | None = None) -> None:
         self.instance_id = instance_id
         self.state = state
+        self.group = group
         self.tokens: set[str] = set()
         self.token_puts = 0
         self.refused: list[str] = []  # requests without a valid token, by path
@@ -64,6 +69,8 @@ class StandInMetadata:
                 values = {"/latest/meta-data/instance-id": standin.instance_id,
                           "/latest/meta-data/autoscaling/target-lifecycle-state":
                           standin.state}
+                if standin.group is not None:
+                    values[GROUP_TAG] = standin.group
                 if self.path not in values:
                     return self._answer(404, "")
                 self._answer(200, values[self.path])

@@ -3,11 +3,13 @@ and moto's autoscaling (with the two lifecycle calls moto lacks added by
 tests/lifecycle_standins.py), draining a real ``stream-agent`` on the real broker.
 
 The group, its termination hook and the instance live in moto; the stand-in IMDS serves
-that instance's id and its target lifecycle state, which the test switches to
-``Terminated`` while the agent holds messages in flight. The handler must SIGTERM the
-agent, record heartbeats while it drains, complete the action (CONTINUE) only after it
-has exited, and exit 0; every message published comes out (a second agent takes what the
-first left in the queue)."""
+that instance's id, its group's name (the ``aws:autoscaling:groupName`` tag, as the
+agents' launch templates serve tags in metadata) and its target lifecycle state, which
+the test switches to ``Terminated`` while the agent holds messages in flight. The
+handler gets only what a node's lifecycle.env holds: the hook's name and timeout. It
+must SIGTERM the agent, record heartbeats while it drains, complete the action
+(CONTINUE) only after it has exited, and exit 0; every message published comes out (a
+second agent takes what the first left in the queue)."""
 
 from __future__ import annotations
 
@@ -61,14 +63,14 @@ def make_group(moto_server: MotoServer) -> tuple[str, str]:
     return name, instance["InstanceId"]
 
 
-def handler_env(metadata: StandInMetadata, moto_server: MotoServer, group: str,
+def handler_env(metadata: StandInMetadata, moto_server: MotoServer,
                 **extra: str) -> dict[str, str]:
     """What the node's unit gives the handler (lifecycle.env) plus the stand-ins' addresses
     and moto's credentials; nothing else of the test's environment."""
     return {"PATH": os.environ["PATH"], **MOTO_ENV, "AWS_REGION": REGION,
             "AWS_ENDPOINT_URL_AUTO_SCALING": moto_server.endpoint,
             "AWS_EC2_METADATA_SERVICE_ENDPOINT": metadata.endpoint,
-            "STREAMBOSS_LIFECYCLE_GROUP": group, "STREAMBOSS_LIFECYCLE_HOOK": HOOK,
+            "STREAMBOSS_LIFECYCLE_HOOK": HOOK,
             "STREAMBOSS_LIFECYCLE_HEARTBEAT_TIMEOUT": "60", **extra}
 
 
@@ -99,10 +101,10 @@ def test_the_handler_drains_a_real_agent_heartbeats_then_completes_and_nothing_i
                "--prefetch", str(WINDOW))
     first = agent(operation, source, sink, *options)
 
-    with StandInMetadata(instance_id) as metadata, \
+    with StandInMetadata(instance_id, group=group) as metadata, \
             lifecycle_actions_in_moto(lambda: pid_running(first.pid)) as ledger:
         log = tmp_path / "lifecycle.log"
-        handler = start_handler(handler_env(metadata, moto_server, group), log,
+        handler = start_handler(handler_env(metadata, moto_server), log,
                                 "--pid", str(first.pid), "--heartbeat-interval", "0.3")
         try:
             wait_until(lambda: metadata.state_reads() >= 1, 30, "the handler's first look")
@@ -157,45 +159,57 @@ def test_the_handler_drains_a_real_agent_heartbeats_then_completes_and_nothing_i
     assert outputs == bodies
 
 
-def test_without_a_group_the_handler_says_so_in_one_line_and_exits_2(moto_server, tmp_path):
+def test_without_a_hook_the_handler_says_so_in_one_line_and_exits_2(moto_server):
     with StandInMetadata("i-0123456789abcdef0") as metadata:
-        env = handler_env(metadata, moto_server, "")
+        env = handler_env(metadata, moto_server, STREAMBOSS_LIFECYCLE_HOOK="")
         done = subprocess.run([PYTHON, "-m", "streamboss.agent.lifecycle"], env=env,
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "stream-agent-lifecycle: error: no autoscaling group: set --group or "
-        "STREAMBOSS_LIFECYCLE_GROUP"], done.stderr
+        "stream-agent-lifecycle: error: no lifecycle hook: set --hook or "
+        "STREAMBOSS_LIFECYCLE_HOOK"], done.stderr
+
+
+def retried_errors(env: dict[str, str], log: Path, pid: int) -> list[str]:
+    """Start the handler, wait for two logged metadata errors, check it still runs, stop
+    it; the error lines."""
+    handler = start_handler(env, log, "--pid", str(pid))
+    try:
+        wait_until(lambda: log.read_text().count("instance metadata:") >= 2, 60,
+                   "two logged metadata errors")
+        assert handler.poll() is None, log.read_text()
+    finally:
+        handler.kill()
+        handler.wait()
+    lines = [line for line in log.read_text().splitlines() if "instance metadata:" in line]
+    assert all(re.search(r"WARNING .*instance metadata: .*; again in \d+s$", line)
+               for line in lines), lines
+    assert "Traceback" not in log.read_text()
+    return lines
 
 
 def test_metadata_errors_are_logged_in_one_line_and_retried_never_a_crash(
         moto_server, tmp_path):
-    """No IMDS at first (nothing listens): the handler keeps trying with backoff and one
-    line per error; once the stand-in answers it watches, and a terminated instance with
-    no agents left completes at once."""
+    """No IMDS (nothing listens), then IMDS without the group's tag: the handler keeps
+    trying with backoff, one line per error naming the fix; once the stand-in serves the
+    tag it watches, and a terminated instance with no agent left completes at once."""
     group, instance_id = make_group(moto_server)
+    # An agent that has exited already: a child of ours that ran and was reaped.
+    gone = subprocess.Popen([PYTHON, "-c", "pass"])
+    gone.wait()
+    log = tmp_path / "lifecycle.log"
     with StandInMetadata(instance_id, state="Terminated") as metadata, \
             lifecycle_actions_in_moto(lambda: None) as ledger:
-        env = handler_env(metadata, moto_server, group)
-        env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = "http://127.0.0.1:9"  # nothing there
-        log = tmp_path / "lifecycle.log"
-        # An agent that has exited already: a child of ours that ran and was reaped.
-        gone = subprocess.Popen([PYTHON, "-c", "pass"])
-        gone.wait()
-        handler = start_handler(env, log, "--pid", str(gone.pid))
-        try:
-            wait_until(lambda: log.read_text().count("instance metadata:") >= 2, 60,
-                       "two logged metadata errors")
-            assert handler.poll() is None, log.read_text()
-        finally:
-            handler.kill()
-            handler.wait()
-        lines = [line for line in log.read_text().splitlines() if "instance metadata:" in line]
-        assert all(re.search(r"WARNING .*instance metadata: .*; again in \d+s$", line)
-                   for line in lines), lines
+        env = handler_env(metadata, moto_server,
+                          AWS_EC2_METADATA_SERVICE_ENDPOINT="http://127.0.0.1:9")
+        retried_errors(env, log, gone.pid)
+        env = handler_env(metadata, moto_server)
+        lines = retried_errors(env, log, gone.pid)
+        assert all("no aws:autoscaling:groupName tag" in line and
+                   "set --group or STREAMBOSS_LIFECYCLE_GROUP" in line for line in lines)
         assert ledger.calls == []
-        # Pointed at the stand-in it completes for the already-drained node.
-        env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = metadata.endpoint
+        # With the tag it completes for the already-drained node.
+        metadata.group = group
         handler = start_handler(env, log, "--pid", str(gone.pid))
         assert handler.wait(timeout=HANDLER_EXIT_TIMEOUT) == 0, log.read_text()
     (done,) = ledger.calls
