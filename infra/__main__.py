@@ -89,7 +89,7 @@ def build(config: pulumi.Config) -> Program:
         broker_secret_parameter_arn=broker.secret_parameter_arn,
         management_url=broker.console_url,
         archive_bucket=storage.archive.bucket, archive_bucket_arn=storage.archive.arn,
-        objects_bucket=storage.objects.bucket, region=region, tags=tags))
+        objects_bucket=storage.objects.bucket, region=region, stack=stack, tags=tags))
 
     # Looked up only when a pool needs it: a stack with no operations (or only
     # operations with their own image) must not fail for want of a stream-agent AMI.

@@ -66,6 +66,8 @@ class ManagerNodeArgs:
         archive_bucket / archive_bucket_arn: the archive bucket.
         objects_bucket: the objects bucket (``stream-file`` uploads).
         region: the AWS region.
+        stack: the stack's name as its agent groups carry it (tag ``streamboss:stack``);
+            None: this Pulumi stack's.
         tags: tags for every resource.
     """
 
@@ -84,6 +86,7 @@ class ManagerNodeArgs:
     archive_bucket_arn: pulumi.Input[str]
     objects_bucket: pulumi.Input[str]
     region: pulumi.Input[str]
+    stack: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -118,7 +121,8 @@ class ManagerNode(pulumi.ComponentResource):
         ).apply(lambda v: manager_user_data(
             broker_url_parameter=v[0], token_parameter=v[1], management_url=v[2],
             archive_store=f"s3://{v[3]}", object_store=f"s3://{v[4]}/{STREAMS_PREFIX}",
-            api_port=MANAGER_API_PORT, state_device=STATE_DEVICE, region=v[5]))
+            api_port=MANAGER_API_PORT, state_device=STATE_DEVICE, region=v[5],
+            stack=args.stack or pulumi.get_stack()))
         template = secure_launch_template(f"{name}-lt", LaunchTemplateArgs(
             image=args.image, instance_type=args.instance_type,
             instance_profile_arn=profile.arn, security_group_ids=[args.security_group_id],

@@ -16,8 +16,10 @@ The contract with the images' units:
   SSM parameter holding ``STREAMBOSS_BROKER_URL`` and the region;
   ``stream-agent.service`` is enabled and started.
 - manager: ``/etc/streamboss/manager.env`` names both SSM parameters, the
-  management API, the archive and object stores, the API port and the state
-  volume's device; ``stream-manager.service`` is enabled and started.
+  management API, the archive and object stores, the API port, the state
+  volume's device, and the aws dispatcher without deploying (the stack whose
+  agent groups it reads and publishes the scaling metrics for; ``pulumi up``
+  runs elsewhere); ``stream-manager.service`` is enabled and started.
 
 Pure text (no Pulumi): the output is byte-stable for the same inputs, so an
 unchanged operation never gets a new launch template version.
@@ -39,6 +41,11 @@ MANAGER_SERVICE = "stream-manager.service"
 # The environment names the units read (systemd EnvironmentFile=).
 BROKER_URL_PARAMETER_ENV = "STREAMBOSS_BROKER_URL_PARAMETER"
 TOKEN_PARAMETER_ENV = "STREAMBOSS_TOKEN_PARAMETER"
+# `streamboss manager` reads these (manager/cli.py): on a node it publishes the
+# metrics the pools scale on and reads their groups, and never runs `pulumi up`.
+DISPATCHER_ENV = "STREAMBOSS_DISPATCHER"
+STACK_ENV = "STREAMBOSS_STACK"
+DEPLOY_ENV = "STREAMBOSS_DEPLOY"
 
 
 def agent_user_data(*, operation: str, input_stream: str, output_stream: str,
@@ -71,7 +78,7 @@ def agent_user_data(*, operation: str, input_stream: str, output_stream: str,
 
 def manager_user_data(*, broker_url_parameter: str, token_parameter: str, management_url: str,
                       archive_store: str, object_store: str, api_port: int, state_device: str,
-                      region: str) -> str:
+                      region: str, stack: str) -> str:
     """Cloud-config for the manager node.
 
     Parameters:
@@ -83,6 +90,7 @@ def manager_user_data(*, broker_url_parameter: str, token_parameter: str, manage
         api_port: the port the API listens on (all interfaces, token required).
         state_device: the device of the encrypted volume that holds the state directory.
         region: the AWS region.
+        stack: the stack's name, the ``streamboss:stack`` tag of its agent groups.
     """
     env = {
         BROKER_URL_PARAMETER_ENV: broker_url_parameter,
@@ -94,6 +102,9 @@ def manager_user_data(*, broker_url_parameter: str, token_parameter: str, manage
         "STREAMBOSS_STATE_DEVICE": state_device,
         "AWS_REGION": region,
         "AWS_DEFAULT_REGION": region,
+        DISPATCHER_ENV: "aws",
+        STACK_ENV: stack,
+        DEPLOY_ENV: "false",
     }
     return _cloud_config({"manager.env": (_env(env), ROOT_OWNER)}, MANAGER_SERVICE)
 

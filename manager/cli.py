@@ -76,7 +76,7 @@ cli.add_command(dead)
 def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: bool,
            stack: str | None = None, project_dir: Path | None = None,
            allowed_hosts: tuple[str, ...] = (), max_request_bytes: int | None = None,
-           management_url: str | None = None) -> None:
+           management_url: str | None = None, deploy: bool = True) -> None:
     # The server's web stack is imported only to serve: the data verbs stay light.
     from .server import ServerConfig, ServerError, serve
 
@@ -86,7 +86,8 @@ def _serve(state: str | None, host: str, port: int, dispatcher: str, banner: boo
     logging.getLogger("botocore").setLevel(logging.WARNING)
     config = ServerConfig(state_dir(state), _broker_url(), host, port, dispatcher, stack,
                           project_dir, allowed_hosts, max_request_bytes, management_url,
-                          BROKER_URL_ENV if os.environ.get(BROKER_URL_ENV) else "default")
+                          BROKER_URL_ENV if os.environ.get(BROKER_URL_ENV) else "default",
+                          deploy)
     try:
         serve(config, banner=banner)
     except ServerError as exc:
@@ -119,16 +120,23 @@ MANAGEMENT_URL_OPTION = click.option(
                    "[1048576].")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
 @click.option("--dispatcher", type=click.Choice(["local", "aws"]), default="local",
-              show_default=True,
-              help="Where agents run: local processes, or the Pulumi stack's autoscaling groups.")
-@click.option("--stack", metavar="ORG/PROJECT/STACK",
-              help="The Pulumi stack the aws dispatcher updates (required with aws).")
+              show_default=True, envvar="STREAMBOSS_DISPATCHER",
+              help="Where agents run: local processes, or the Pulumi stack's autoscaling groups "
+                   "(env STREAMBOSS_DISPATCHER).")
+@click.option("--stack", metavar="ORG/PROJECT/STACK", envvar="STREAMBOSS_STACK",
+              help="The Pulumi stack the aws dispatcher updates (required with aws; env "
+                   "STREAMBOSS_STACK).")
+@click.option("--deploy/--no-deploy", default=True, envvar="STREAMBOSS_DEPLOY",
+              help="aws: update the stack through the Automation API (needs the Pulumi CLI), "
+                   "or leave its updates to `pulumi up` elsewhere and only publish the scaling "
+                   "metrics and read the agent groups, as the manager node does (env "
+                   "STREAMBOSS_DEPLOY=false) [deploy].")
 @click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path),
               help="The directory holding Pulumi.yaml [the checkout's root].")
 @MANAGEMENT_URL_OPTION
 def manager(state_dir: str | None, host: str, allowed_hosts: tuple[str, ...],
             max_request_bytes: int | None, port: int, dispatcher: str, stack: str | None,
-            project_dir: Path | None, management_url: str | None) -> None:
+            project_dir: Path | None, management_url: str | None, deploy: bool) -> None:
     """Run the stream manager: HTTP API, reconciler and dispatcher.
 
     With --dispatcher aws, declaration changes update the Pulumi stack (preview,
@@ -137,11 +145,13 @@ def manager(state_dir: str | None, host: str, allowed_hosts: tuple[str, ...],
     """
     if dispatcher == "aws" and not stack:
         raise click.UsageError("--dispatcher aws needs --stack ORG/PROJECT/STACK")
-    if dispatcher != "aws" and (stack or project_dir):
-        raise click.UsageError("--stack and --project-dir apply only to --dispatcher aws")
+    if dispatcher != "aws" and (stack or project_dir or not deploy):
+        raise click.UsageError("--stack, --project-dir and --no-deploy apply only to "
+                               "--dispatcher aws")
     _serve(state_dir, host, port, dispatcher, banner=False, stack=stack,
            project_dir=project_dir, allowed_hosts=allowed_hosts,
-           max_request_bytes=max_request_bytes, management_url=management_url)
+           max_request_bytes=max_request_bytes, management_url=management_url,
+           deploy=deploy)
 
 
 @cli.command()

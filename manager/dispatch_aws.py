@@ -66,6 +66,8 @@ DRAINING_STATES = frozenset({"Terminating", "Terminating:Wait", "Terminating:Pro
                              "Detaching"})
 
 IDLE, WAITING, PREVIEWING, UPDATING, FAILED = "idle", "waiting", "previewing", "updating", "failed"
+# The stack's updates are not this manager's (--no-deploy): `pulumi up` runs elsewhere.
+EXTERNAL = "external"
 
 
 class StackDriver(Protocol):
@@ -372,13 +374,18 @@ class AwsDispatcher:
         metrics: the CloudWatch publisher (default: boto3).
         debounce: seconds of quiet before a changed config is applied.
         clock: monotonic seconds (tests drive it).
+        deploys: whether this manager updates the stack. False on the manager node
+            (--no-deploy): it has neither the Pulumi CLI nor deploy permissions, and
+            only publishes the metrics and reads the groups; ``driver`` then only names
+            the stack, whose short name is the groups' ``streamboss:stack`` tag.
     """
 
     def __init__(self, store: Store, driver: StackDriver, local: LocalDispatcher,
                  groups: AgentGroups | None = None, metrics: MetricsPublisher | None = None,
                  debounce: float = DEBOUNCE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, deploys: bool = True) -> None:
         self.store = store
+        self.deploys = deploys
         self.local = local
         self.clock = clock
         self.updater = StackUpdater(driver, debounce=debounce, clock=clock)
@@ -437,12 +444,7 @@ class AwsDispatcher:
     def reap(self) -> None:
         self.local.reap()
 
-    def report(self, statuses: Mapping[str, Any]) -> None:
-        """End of a pass: offer the stack config and hand the observations to the observer.
-
-        Parameters:
-            statuses: the pass's ``OperationStatus`` by operation name.
-        """
+    def _offer_config(self) -> None:
         try:
             definitions = {d.id: d for d in self.store.definitions()}
             config = stack_config(self.store.operations(), definitions)
@@ -450,6 +452,15 @@ class AwsDispatcher:
             self.updater.fail(str(exc))
         else:
             self.updater.offer(config)
+
+    def report(self, statuses: Mapping[str, Any]) -> None:
+        """End of a pass: offer the stack config and hand the observations to the observer.
+
+        Parameters:
+            statuses: the pass's ``OperationStatus`` by operation name.
+        """
+        if self.deploys:
+            self._offer_config()
         known = self.groups.known
         samples = {name: Sample(name, s.backlog, s.wanted, s.running if known else None,
                                 self._desired(name) if known else None)
@@ -483,8 +494,9 @@ class AwsDispatcher:
         self.groups.refresh_if_stale(now)
 
     def start(self) -> None:
-        """Start the observer and the stack updater threads."""
-        self.updater.start()
+        """Start the observer and (when it deploys) the stack updater threads."""
+        if self.deploys:
+            self.updater.start()
         self._observer = threading.Thread(target=self._observe_loop, name="aws-observer",
                                           daemon=True)
         self._observer.start()
@@ -513,7 +525,9 @@ class AwsDispatcher:
     def describe(self) -> dict[str, Any]:
         """The dispatcher's own state for ``/v1/status``."""
         return {
-            "stack": self.updater.state(),
+            "stack": self.updater.state() if self.deploys else {
+                "stack": self.updater.driver.name, "state": EXTERNAL, "last_error": None,
+                "last_result": None, "next_attempt_in": None},
             "cloud": {
                 "agent_groups": self.groups.view(),
                 "metrics": {"last_published_at": self.metrics.last_published_at,

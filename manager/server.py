@@ -68,6 +68,19 @@ class ServerConfig:
     # beside the broker. Where the broker URL came from, for status.
     management_url: str | None = None
     broker_source: str = BROKER_URL_ENV
+    # aws only: whether this manager updates the stack (--no-deploy: `pulumi up` runs
+    # elsewhere; the manager node publishes the metrics and reads the groups).
+    deploy: bool = True
+
+
+@dataclass(frozen=True)
+class ExternalStack:
+    """A stack this manager names but never updates (--no-deploy): it needs no Pulumi CLI."""
+
+    name: str
+
+    def apply(self, config: object, on_phase: object = None) -> dict[str, object]:
+        raise PulumiUnavailable(f"--no-deploy: stack {self.name} is updated elsewhere")
 
 
 def is_loopback(host: str) -> bool:
@@ -191,14 +204,21 @@ def lock_state_dir(state_dir: Path) -> TextIO:
     return handle
 
 
-def aws_stack(config: ServerConfig) -> PulumiStack:
-    """The stack the aws dispatcher updates, checked: CLI, SDK, stack name, program.
+def aws_stack(config: ServerConfig) -> PulumiStack | ExternalStack:
+    """The stack the aws dispatcher updates, checked: CLI, SDK, stack name, program;
+    with --no-deploy only its name (the agent groups' tag is its last part).
 
     Raises:
         ServerError: no --stack, a malformed one, no Pulumi CLI or SDK, no Pulumi.yaml.
     """
     if not config.stack:
-        raise ServerError("--dispatcher aws needs --stack ORG/PROJECT/STACK")
+        raise ServerError("--dispatcher aws needs --stack ORG/PROJECT/STACK (env "
+                          "STREAMBOSS_STACK)")
+    if not config.deploy:
+        try:
+            return ExternalStack(check_stack_name(config.stack))
+        except ValueError as exc:
+            raise ServerError(str(exc)) from None
     try:
         stack = PulumiStack(check_stack_name(config.stack),
                             config.project_dir or default_project_dir())
@@ -251,7 +271,7 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
     local = LocalDispatcher(config.state_dir, config.broker_url)
     dispatcher: LocalDispatcher | AwsDispatcher = local
     if stack is not None:
-        dispatcher = AwsDispatcher(store, stack, local)
+        dispatcher = AwsDispatcher(store, stack, local, deploys=config.deploy)
     replaced = dispatcher.replace_previous()
     if replaced:
         log.info("stopped %d agent(s) left by a previous manager", replaced)
@@ -295,8 +315,12 @@ def serve(config: ServerConfig, banner: bool = False) -> None:
     try:
         if isinstance(dispatcher, AwsDispatcher) and stack is not None:
             dispatcher.start()
-            log.info("dispatching to the Pulumi stack %s (program in %s)", stack.name,
-                     stack.project_dir)
+            if isinstance(stack, PulumiStack):
+                log.info("dispatching to the Pulumi stack %s (program in %s)", stack.name,
+                         stack.project_dir)
+            else:
+                log.info("publishing the scaling metrics of the Pulumi stack %s, whose "
+                         "updates run elsewhere (--no-deploy)", stack.name)
         reconciler.start()
         uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
                     access_log=False)

@@ -28,6 +28,7 @@ not start at all). The last test drops the management URL to show that it does.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -36,11 +37,13 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import pika
 import pulumi
 import pytest
 import yaml
@@ -50,7 +53,15 @@ from infra.user_data import MANAGER_SERVICE
 from streamboss.agent.config import redact
 from tests.appliance.conftest import read_env_file, read_unit, unit_environment
 from tests.certificates import make_authority, make_server_certificate
-from tests.conftest import MANAGEMENT_PORT, MOTO_ENV, free_port, wait_until
+from tests.conftest import (
+    BROKER_URL,
+    MANAGEMENT_PORT,
+    MOTO_ENV,
+    free_port,
+    operation_queues,
+    stream_exchange,
+    wait_until,
+)
 from tests.requirements import require
 from tests.tls_proxy import TLSProxy
 
@@ -77,6 +88,7 @@ class Deployed:
     broker_host: str
     username: str
     password: str
+    group_stacks: set[str]  # the streamboss:stack tag of every agent group
 
 
 def deploy(stack, username: str, password: str) -> Deployed:
@@ -92,7 +104,9 @@ def deploy(stack, username: str, password: str) -> Deployed:
                   for d in stack.of_type("aws:ssm/parameter:Parameter")}
     (broker,) = stack.of_type("aws:mq/broker:Broker")
     host = urlsplit(broker.state["instances"][0]["consoleUrl"]).hostname
-    return Deployed(json.loads(body), parameters, host, username, password)
+    group_stacks = {tag["value"] for group in stack.of_type("aws:autoscaling/group:Group")
+                    for tag in group.inputs["tags"] if tag["key"] == "streamboss:stack"}
+    return Deployed(json.loads(body), parameters, host, username, password, group_stacks)
 
 
 # -- 2. the image's files ----------------------------------------------------------------
@@ -276,9 +290,9 @@ def start_unit(unit_path: Path, image: Image, deployed: Deployed, loopback: Loop
     port = free_port()
     environment["STREAMBOSS_API_PORT"] = str(port)  # 8181 on the node
     environment.update({
-        # AWS itself: moto for SSM and S3, with its test credentials.
+        # AWS itself (SSM, S3, CloudWatch, Auto Scaling): moto, with its test credentials.
         **{k: v for k, v in MOTO_ENV.items() if k != "AWS_DEFAULT_REGION"},
-        "AWS_ENDPOINT_URL_SSM": moto_endpoint, "STREAMBOSS_S3_ENDPOINT_URL": moto_endpoint,
+        "AWS_ENDPOINT_URL": moto_endpoint, "STREAMBOSS_S3_ENDPOINT_URL": moto_endpoint,
         # The stand-in broker's certificate is the test CA's, not a public one.
         "STREAMBOSS_BROKER_CA": str(loopback.ca),
         # The manager's CLI pointer for a generated token (none here) stays in the test.
@@ -384,6 +398,11 @@ def test_the_deployed_manager_uses_the_stacks_broker_management_api_and_archive(
     assert shown["archive_store"] == {"url": archive, "source": "STREAMBOSS_ARCHIVE_STORE",
                                       "state": "answers"}
     assert document["demand_observed"] is True
+    # The aws dispatcher, which does not deploy (no Pulumi CLI on the node), for the stack
+    # whose agent groups carry this name.
+    assert document["dispatcher"] == "aws"
+    assert {document["stack"]["stack"]} == deployed.group_stacks
+    assert document["stack"]["state"] == "external"
     # The management API saw the manager's own user (the broker URL's), over TLS.
     assert loopback.https.relayed > 0 and loopback.amqps.relayed > 0
     log = node.log.read_text()
@@ -405,3 +424,61 @@ def test_a_link_that_drops_the_management_url_shows_in_status(node_parts, loopba
     assert shown["source"] == "beside the broker URL"
     assert shown["url"] == "https://localhost:15671"
     assert shown["state"] != "answers"
+
+
+def test_demand_as_deployed_reaches_cloudwatch(node_parts, loopback, names, follow):
+    """The node's manager publishes Wanted from what the management API shows: 0 while
+    nobody consumes the operation's output (not 1, as a manager blind to demand would),
+    1 once a consumer attaches."""
+    import boto3
+
+    deployed, image, moto_endpoint = node_parts
+    source, sink, operation = names("raw"), names("shout"), names("upper")
+    node = start_unit(image.unit, image, deployed, loopback, moto_endpoint)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{node.port}/v1", timeout=30,
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=moto_endpoint, region_name=REGION,
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def wanted() -> float | None:
+        now = datetime.now(UTC)
+        points = cloudwatch.get_metric_statistics(
+            Namespace="streamboss", MetricName="Wanted",
+            Dimensions=[{"Name": "Operation", "Value": operation}],
+            StartTime=now - timedelta(minutes=10), EndTime=now + timedelta(minutes=1),
+            Period=600, Statistics=["Maximum"])["Datapoints"]
+        return max((p["Maximum"] for p in points), default=None)
+
+    try:
+        for stream in (source, sink):
+            assert api.post("/streams", json={"name": stream}).status_code == 201
+        assert api.post("/definitions", json={"definition": {
+            "exec": "cat", "name": operation, "timeout": 60}}).status_code == 201
+        assert api.post("/operations", json={"name": operation, "definition": operation,
+                                             "input": source, "output": sink}
+                        ).status_code == 201
+        wait_until(lambda: wanted() is not None, READY, f"a Wanted datapoint for {operation}")
+        assert wanted() == 0.0, "nobody consumes its output: unwanted"
+        follow(sink)
+        wait_until(lambda: wanted() == 1.0, READY, f"Wanted = 1 for {operation}")
+    finally:
+        with contextlib.suppress(httpx.HTTPError):
+            api.delete(f"/operations/{operation}")
+            for stream in (source, sink):
+                api.delete(f"/streams/{stream}", params={"force": "true"})
+        api.close()
+        stop(node)
+        forget(operation, source, sink)
+
+
+def forget(operation: str, *streams: str) -> None:
+    """The operation's queues and the streams' exchanges, gone from the shared broker."""
+    connection = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    try:
+        channel = connection.channel()
+        for queue in operation_queues(operation):
+            channel.queue_delete(queue)
+        for stream in (*streams, f"{operation}.dead"):
+            channel.exchange_delete(stream_exchange(stream))
+    finally:
+        connection.close()

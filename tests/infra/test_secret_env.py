@@ -263,7 +263,7 @@ def test_every_file_user_data_writes_is_0600():
     manager = manager_user_data(broker_url_parameter="/p", token_parameter="/t",
                                 management_url="https://m", archive_store="s3://a",
                                 object_store="s3://o/streams", api_port=8181,
-                                state_device="/dev/xvdf", region="eu-west-1")
+                                state_device="/dev/xvdf", region="eu-west-1", stack="dev")
     for text in (agent, manager):
         for written in json.loads(text.partition("\n")[2])["write_files"]:
             assert written["permissions"] == "0600", written["path"]
