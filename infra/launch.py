@@ -59,6 +59,9 @@ class LaunchTemplateArgs:
         user_data: the cloud-config text (plain; encoded here).
         root_volume_gb: the root volume's size; None for the image's own size.
         tags: tags for the template and for the instances and volumes it launches.
+        metadata_tags: serve the instance's tags in its metadata (agents: their
+            lifecycle handler reads its group's name from ``aws:autoscaling:groupName``).
+            Every tag key must then avoid ``/`` and spaces, or the launch fails.
     """
 
     image: pulumi.Output[aws.ec2.GetAmiResult]
@@ -68,6 +71,7 @@ class LaunchTemplateArgs:
     user_data: pulumi.Input[str]
     root_volume_gb: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    metadata_tags: bool = False
 
 
 def secure_launch_template(name: str, args: LaunchTemplateArgs,
@@ -91,7 +95,8 @@ def secure_launch_template(name: str, args: LaunchTemplateArgs,
         user_data=encoded,
         metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
             http_endpoint="enabled", http_tokens="required",
-            http_put_response_hop_limit=METADATA_HOP_LIMIT, instance_metadata_tags="disabled"),
+            http_put_response_hop_limit=METADATA_HOP_LIMIT,
+            instance_metadata_tags="enabled" if args.metadata_tags else "disabled"),
         block_device_mappings=[aws.ec2.LaunchTemplateBlockDeviceMappingArgs(
             device_name=args.image.root_device_name,
             ebs=aws.ec2.LaunchTemplateBlockDeviceMappingEbsArgs(

@@ -51,6 +51,7 @@ import pulumi_aws as aws
 from . import metrics
 from .iam import instance_profile, policy_document, statement
 from .launch import LaunchTemplateArgs, latest, secure_launch_template
+from .lifecycle_hook import HEARTBEAT_TIMEOUT_SECONDS, HOOK_NAME, drain_hook
 from .operations import OperationSpec, operation_env
 from .storage import OPERATIONS_PREFIX, STREAMS_PREFIX
 from .user_data import agent_user_data
@@ -180,12 +181,13 @@ class OperationPool(pulumi.ComponentResource):
                 # uploads and its producers' outputs (and its own, under object_store).
                 object_allow=[f"s3://{values[1]}/{prefix.rstrip('/')}"
                               for prefix in object_prefixes(spec, args.producers)],
-                broker_url_parameter=values[0], region=values[2])))
+                broker_url_parameter=values[0], region=values[2],
+                lifecycle_hook=HOOK_NAME, heartbeat_timeout=HEARTBEAT_TIMEOUT_SECONDS)))
         template = secure_launch_template(f"{name}-lt", LaunchTemplateArgs(
             image=args.image, instance_type=spec.instance_type or args.instance_type,
             instance_profile_arn=profile.arn, security_group_ids=[args.security_group_id],
             user_data=user_data, root_volume_gb=args.root_volume_gb,
-            tags={**tags, "Name": name}), self)
+            tags={**tags, "Name": name}, metadata_tags=True), self)
         group = aws.autoscaling.Group(
             f"{name}-asg",
             min_size=spec.min,
@@ -207,6 +209,8 @@ class OperationPool(pulumi.ComponentResource):
                   for key, value in sorted({**tags, "Name": name}.items())],
             opts=child,
         )
+        # Scale-in drains: the termination hook waits for the node's lifecycle handler.
+        drain_hook(name, group, profile.role, self)
         self._scaling(name, spec, group, child)
         self.group_name = group.name
         self.launch_template_id = template.id

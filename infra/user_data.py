@@ -14,7 +14,11 @@ The contract with the images' units:
 - agents: ``/etc/streamboss/agent.json`` is a ``stream-agent --config`` file
   (operation, definition, object store); ``/etc/streamboss/agent.env`` names the
   SSM parameter holding ``STREAMBOSS_BROKER_URL`` and the region;
-  ``stream-agent.service`` is enabled and started.
+  ``stream-agent.service`` is enabled and started. With a lifecycle hook,
+  ``/etc/streamboss/lifecycle.env`` names the group's termination hook and its
+  heartbeat timeout (the group's name the handler reads from the instance's
+  ``aws:autoscaling:groupName`` tag in IMDS) and ``stream-agent-lifecycle.service``
+  is started too: it drains the agent before the group terminates the node.
 - manager: ``/etc/streamboss/manager.env`` names both SSM parameters, the
   management API, the archive and object stores, the API port, the state
   volume's device, and the aws dispatcher without deploying (the stack whose
@@ -38,6 +42,8 @@ ROOT_OWNER = "root:root"
 FILE_MODE = "0600"
 AGENT_SERVICE = "stream-agent.service"
 MANAGER_SERVICE = "stream-manager.service"
+# Drains the agent when the node's group terminates it (agent/lifecycle.py).
+LIFECYCLE_SERVICE = "stream-agent-lifecycle.service"
 # The environment names the units read (systemd EnvironmentFile=).
 BROKER_URL_PARAMETER_ENV = "STREAMBOSS_BROKER_URL_PARAMETER"
 TOKEN_PARAMETER_ENV = "STREAMBOSS_TOKEN_PARAMETER"
@@ -51,7 +57,8 @@ DEPLOY_ENV = "STREAMBOSS_DEPLOY"
 def agent_user_data(*, operation: str, input_stream: str, output_stream: str,
                     definition: Mapping[str, Any], object_store: str,
                     broker_url_parameter: str, region: str,
-                    object_allow: Sequence[str] = ()) -> str:
+                    object_allow: Sequence[str] = (), lifecycle_hook: str | None = None,
+                    heartbeat_timeout: int | None = None) -> str:
     """Cloud-config for one agent of ``operation``.
 
     Parameters:
@@ -64,6 +71,8 @@ def agent_user_data(*, operation: str, input_stream: str, output_stream: str,
         region: the AWS region, for the SSM and S3 clients.
         object_allow: more prefixes its object references may point into
             (``s3://bucket/prefix``), beside ``object_store``.
+        lifecycle_hook: the group's termination hook; None: no lifecycle handler.
+        heartbeat_timeout: that hook's heartbeat timeout in seconds.
     """
     config: dict[str, Any] = {
         "operation": {"name": operation, "input": input_stream, "output": output_stream},
@@ -72,8 +81,19 @@ def agent_user_data(*, operation: str, input_stream: str, output_stream: str,
         config["object_allow"] = list(object_allow)
     env = {BROKER_URL_PARAMETER_ENV: broker_url_parameter, "AWS_REGION": region,
            "AWS_DEFAULT_REGION": region}
-    return _cloud_config({"agent.json": (_json(config) + "\n", AGENT_OWNER),
-                          "agent.env": (_env(env), ROOT_OWNER)}, AGENT_SERVICE)
+    files = {"agent.json": (_json(config) + "\n", AGENT_OWNER),
+             "agent.env": (_env(env), ROOT_OWNER)}
+    services = [AGENT_SERVICE]
+    if lifecycle_hook is not None:
+        from streamboss.agent.lifecycle import HEARTBEAT_TIMEOUT_ENV, HOOK_ENV
+
+        lifecycle = {HOOK_ENV: lifecycle_hook, "AWS_REGION": region,
+                     "AWS_DEFAULT_REGION": region}
+        if heartbeat_timeout is not None:
+            lifecycle[HEARTBEAT_TIMEOUT_ENV] = str(heartbeat_timeout)
+        files["lifecycle.env"] = (_env(lifecycle), ROOT_OWNER)
+        services.append(LIFECYCLE_SERVICE)
+    return _cloud_config(files, *services)
 
 
 def manager_user_data(*, broker_url_parameter: str, token_parameter: str, management_url: str,
@@ -109,13 +129,13 @@ def manager_user_data(*, broker_url_parameter: str, token_parameter: str, manage
     return _cloud_config({"manager.env": (_env(env), ROOT_OWNER)}, MANAGER_SERVICE)
 
 
-def _cloud_config(files: Mapping[str, tuple[str, str]], service: str) -> str:
+def _cloud_config(files: Mapping[str, tuple[str, str]], *services: str) -> str:
     # JSON is YAML, so cloud-init reads it; json.dumps quotes every string safely.
     document = {
         "write_files": [{"path": f"{CONFIG_DIR}/{name}", "content": content,
                          "owner": owner, "permissions": FILE_MODE}
                         for name, (content, owner) in sorted(files.items())],
-        "runcmd": [["systemctl", "enable", "--now", service]],
+        "runcmd": [["systemctl", "enable", "--now", *services]],
     }
     return "#cloud-config\n" + _json(document) + "\n"
 

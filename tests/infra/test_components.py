@@ -566,7 +566,7 @@ def test_the_agent_user_data_is_a_config_the_agent_itself_accepts(stack, tmp_pat
 
     template = stack.named("agents-resize-lt")
     files = written(template)
-    assert set(files) == {"agent.json", "agent.env"}
+    assert set(files) == {"agent.json", "agent.env", "lifecycle.env"}
     env = dict(line.split("=", 1) for line in files["agent.env"].splitlines())
     assert env == {"STREAMBOSS_BROKER_URL_PARAMETER": "/streamboss/t/broker-url",
                    "AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-1"}
@@ -581,7 +581,8 @@ def test_the_agent_user_data_is_a_config_the_agent_itself_accepts(stack, tmp_pat
     assert agent.object_allow == ("s3://objects-b/operations/resize",
                                   "s3://objects-b/streams/images")
     assert cloud_config(template)["runcmd"] == [
-        ["systemctl", "enable", "--now", "stream-agent.service"]]
+        ["systemctl", "enable", "--now", "stream-agent.service",
+         "stream-agent-lifecycle.service"]]
 
 
 def test_an_operation_may_name_its_own_image_and_instance_type(stack):

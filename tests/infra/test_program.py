@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = ("count", "resize", "upper")
 # Every resource of one pool is named agents-<operation> or agents-<operation>-<part>.
 POOL_PARTS = ("", "-role", "-policy", "-profile", "-lt", "-asg", "-track", "-wake",
-              "-wake-alarm", "-shrink", "-shrink-alarm", "-idle", "-idle-alarm")
+              "-wake-alarm", "-shrink", "-shrink-alarm", "-idle", "-idle-alarm", "-drain",
+              "-drain-policy")
 
 
 def run_program(stack, config: dict[str, str] | None = None) -> Any:
@@ -144,6 +145,7 @@ def test_no_policy_grants_a_wildcard_action_on_every_resource(stack):
         "storage-archive-tls-only.policy", "storage-objects-tls-only.policy",
         "network-s3.policy",
         *(f"{role}-policy.policy" for role in roles),
+        *(f"agents-{op}-drain-policy.policy" for op in OPERATIONS),
         *(f"{role}-role.assumeRolePolicy" for role in roles)])
     for name, document in documents:
         for statement in document["Statement"]:

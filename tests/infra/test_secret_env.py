@@ -186,7 +186,8 @@ def test_agents_get_the_real_values_in_secret_user_data(stack):
     assert agent["definition"]["env"] == {"API_KEY": VALUE, "LEVEL": "3"}
     # The files on the node: 0600, the env file root's, the agent's config its user's.
     assert {name: (f["owner"], f["permissions"]) for name, f in files.items()} == {
-        "agent.json": ("streamboss:streamboss", "0600"), "agent.env": ("root:root", "0600")}
+        "agent.json": ("streamboss:streamboss", "0600"), "agent.env": ("root:root", "0600"),
+        "lifecycle.env": ("root:root", "0600")}
     # Nowhere in clear: every input that holds the value holds it as a secret.
     for item in stack.declared:
         assert VALUE not in json.dumps(strip(item.inputs)), item.name
