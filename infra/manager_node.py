@@ -41,6 +41,8 @@ def manager_policy(secret_arns: list[str], archive_arn: str) -> str:
         # The AWS dispatcher's agent counts (``manager/dispatch_aws.py``). Describe
         # calls have no resource-level ARNs; this one only reads.
         statement("DescribeAgentGroups", ["autoscaling:DescribeAutoScalingGroups"], ["*"]),
+        # `streamboss status` shows the pools' alarm states; read only, no resource ARNs.
+        statement("DescribePoolAlarms", ["cloudwatch:DescribeAlarms"], ["*"]),
         statement("ReadWriteArchive",
                   ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
                   [f"{archive_arn}/*"]),

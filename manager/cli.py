@@ -37,6 +37,7 @@ from .commands.common import emit as _emit
 from .commands.common import fail as _fail
 from .commands.common import table as _table
 from .commands.dead_letters import dead
+from .commands.pools import pool_lines
 from .fetch import Fetcher, FetchError
 from .model import ScalingPolicy
 from .paths import objects_dir, state_dir
@@ -338,6 +339,8 @@ def status(fmt: str) -> None:
                  else "stopped", "backlog": "-" if a["backlog"] is None else a["backlog"]}
                 for a in result["archives"]],
                ["stream", "state", "archiver", "backlog", "restarts", "store"])
+    if result.get("cloud"):
+        pool_lines(result["cloud"])
 
 
 # The status block naming what the manager uses (manager/connections.py).

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from .cloud_alarms import PoolAlarms
 from .cloud_metrics import MetricsPublisher, Sample
 from .dispatch_local import ARCHIVER_PREFIX, LocalDispatcher
 from .model import Archive, Definition, Operation
@@ -330,6 +331,8 @@ class AgentGroups:
                     "max": group.get("MaxSize"),
                     "desired": group.get("DesiredCapacity"),
                     "running": sum(1 for s in states if s in RUNNING_STATES),
+                    # Serving now, as opposed to starting (what status shows an operator).
+                    "in_service": sum(1 for s in states if s == "InService"),
                     "draining": sum(1 for s in states if s in DRAINING_STATES),
                 }
         return found
@@ -372,6 +375,7 @@ class AwsDispatcher:
         local: runs the archivers on this machine.
         groups: the agents' autoscaling groups (default: boto3, this stack's tag).
         metrics: the CloudWatch publisher (default: boto3).
+        alarms: the pools' alarm states for status (default: boto3).
         debounce: seconds of quiet before a changed config is applied.
         clock: monotonic seconds (tests drive it).
         deploys: whether this manager updates the stack. False on the manager node
@@ -382,6 +386,7 @@ class AwsDispatcher:
 
     def __init__(self, store: Store, driver: StackDriver, local: LocalDispatcher,
                  groups: AgentGroups | None = None, metrics: MetricsPublisher | None = None,
+                 alarms: PoolAlarms | None = None,
                  debounce: float = DEBOUNCE_SECONDS,
                  clock: Callable[[], float] = time.monotonic, deploys: bool = True) -> None:
         self.store = store
@@ -392,6 +397,7 @@ class AwsDispatcher:
         short_name = driver.name.rsplit("/", 1)[-1]
         self.groups = groups or AgentGroups(short_name, _client("autoscaling"))
         self.metrics = metrics or MetricsPublisher()
+        self.alarms = alarms or PoolAlarms()
         # Deleted operations and when: their queue goes only once a describe made
         # after the deletion shows no agents (see status()).
         self._forgotten: dict[str, float] = {}
@@ -532,5 +538,27 @@ class AwsDispatcher:
                 "agent_groups": self.groups.view(),
                 "metrics": {"last_published_at": self.metrics.last_published_at,
                             "error": self.metrics.last_error},
+                **self.pools_view(),
             },
+        }
+
+    def pools_view(self) -> dict[str, Any]:
+        """Per operation, why its pool is where it is: the group's counts, its
+        alarms' states and the metrics last published for it (``status``).
+
+        The alarms are read here, at most every few seconds (``PoolAlarms``);
+        the groups and metrics are the observer's, already in memory.
+        """
+        self.alarms.refresh_if_stale()
+        groups = self.groups.view()["groups"]
+        last = self.metrics.last()
+        alarms = self.alarms.for_groups({op: g["group"] for op, g in groups.items()})
+        return {
+            "alarms": self.alarms.state(),
+            "operations": {op: {
+                "group": groups.get(op),
+                "alarms": alarms.get(op, {}),
+                "metrics": {"published_at": last["published_at"] if op in last["values"]
+                            else None, "values": last["values"].get(op)},
+            } for op in sorted(set(groups) | set(last["values"]))},
         }

@@ -33,6 +33,7 @@ from streamboss.manager import cli as cli_module
 from streamboss.manager import cloud_metrics
 from streamboss.manager.api import Manager, create_app
 from streamboss.manager.broker import Broker
+from streamboss.manager.cloud_alarms import PoolAlarms, alarm_kind
 from streamboss.manager.cloud_metrics import MetricsPublisher, Sample
 from streamboss.manager.dispatch_aws import (
     FAILED,
@@ -630,7 +631,8 @@ def test_agent_counts_come_from_this_stacks_tagged_groups(dispatcher):
     view = dispatcher.describe()["cloud"]["agent_groups"]
     assert view["error"] is None
     assert view["groups"] == {"upper": {"group": "agents-upper-asg-1a2b", "min": 0, "max": 8,
-                                        "desired": 3, "running": 3, "draining": 0}}
+                                        "desired": 3, "running": 3, "in_service": 3,
+                                        "draining": 0}}
 
 
 def test_groups_are_described_at_most_every_refresh_period(dispatcher):
@@ -817,7 +819,8 @@ def test_status_api_and_cli_show_the_stack_update(tmp_path: Path, monkeypatch: p
     driver.fail_next = ["update failed: error: 1 resource failed"]
     dispatcher = AwsDispatcher(store, driver, LocalDispatcher(tmp_path / "state", "amqp://x"),
                                groups=AgentGroups("dev", lambda: None),
-                               metrics=MetricsPublisher(CountingClient), clock=clock)
+                               metrics=MetricsPublisher(CountingClient),
+                               alarms=PoolAlarms(NoAlarms), clock=clock)
     try:
         dispatcher.report({})
         clock.now += 5
@@ -834,7 +837,7 @@ def test_status_api_and_cli_show_the_stack_update(tmp_path: Path, monkeypatch: p
     assert stack["last_result"]["outcome"] == "failed"
     assert stack["last_result"]["summary"] == {"failed_in": "preview"}
     assert stack["wanted_config_sha256"] == sha256("[]")
-    assert set(body["cloud"]) == {"agent_groups", "metrics"}
+    assert set(body["cloud"]) == {"agent_groups", "metrics", "alarms", "operations"}
 
     monkeypatch.setattr(cli_module, "_call", lambda *_a, **_k: body)
     table = CliRunner().invoke(cli_module.cli, ["status"])
@@ -844,6 +847,129 @@ def test_status_api_and_cli_show_the_stack_update(tmp_path: Path, monkeypatch: p
     assert "stack: update failed: error: 1 resource failed" in table.stderr
     as_json = CliRunner().invoke(cli_module.cli, ["status", "-o", "json"])
     assert json.loads(as_json.stdout)["stack"] == stack
+
+
+class NoAlarms:
+    """A CloudWatch client that has no alarms."""
+
+    def get_paginator(self, name: str) -> Any:
+        assert name == "describe_alarms"
+        return self
+
+    def paginate(self, **kwargs: Any) -> list[dict[str, Any]]:
+        return [{"MetricAlarms": []}]
+
+
+def policy_arn(group: str, name: str) -> str:
+    """A scaling policy of ``group`` (moto's put_scaling_policy answers without the ARN)."""
+    autoscaling = boto3.client("autoscaling", region_name=REGION)
+    autoscaling.put_scaling_policy(AutoScalingGroupName=group, PolicyName=name,
+                                   PolicyType="SimpleScaling",
+                                   AdjustmentType="ChangeInCapacity", ScalingAdjustment=1)
+    (policy,) = autoscaling.describe_policies(AutoScalingGroupName=group,
+                                              PolicyNames=[name])["ScalingPolicies"]
+    return policy["PolicyARN"]
+
+
+def make_alarm(name: str, action: str, state: str) -> None:
+    cloudwatch = boto3.client("cloudwatch", region_name=REGION)
+    cloudwatch.put_metric_alarm(
+        AlarmName=name, Namespace="streamboss", MetricName="Wanted",
+        Dimensions=[{"Name": "Operation", "Value": "upper"}], Statistic="Maximum", Period=10,
+        EvaluationPeriods=1, Threshold=1, ComparisonOperator="GreaterThanOrEqualToThreshold",
+        AlarmActions=[action])
+    cloudwatch.set_alarm_state(AlarmName=name, StateValue=state, StateReason="test")
+
+
+@pytest.mark.parametrize(("name", "kind"), [
+    ("agents-upper-wake-alarm-1a2b3c4", "wake"), ("agents-a-idle-idle-alarm-0f0f0f0", "idle"),
+    ("agents-upper-shrink-alarm", "shrink"),
+    ("TargetTracking-agents-upper-asg-1a2b-AlarmHigh-4e1c-8f0e", "track-high"),
+    ("TargetTracking-agents-upper-asg-1a2b-AlarmLow-4e1c-8f0e", "track-low")])
+def test_alarm_kinds_come_from_the_pools_resource_names(name: str, kind: str):
+    assert alarm_kind(name) == kind
+
+
+def test_status_shows_each_pools_group_counts_alarm_states_and_last_metrics(
+        dispatcher, monkeypatch: pytest.MonkeyPatch):
+    clock = dispatcher.test_clock
+    dispatcher.alarms = PoolAlarms(clock=clock)
+    make_group("agents-upper-asg-1a2b", "dev", "upper", 1)
+    make_group("agents-upper-asg-prod", "prod", "upper", 3)    # another stack's pool
+    wake = policy_arn("agents-upper-asg-1a2b", "agents-upper-wake-77aa")
+    make_alarm("agents-upper-wake-alarm-1a2b3c4", wake, "ALARM")
+    make_alarm("agents-upper-idle-alarm-5d6e7f8",
+               policy_arn("agents-upper-asg-1a2b", "agents-upper-idle-88bb"), "OK")
+    make_alarm("TargetTracking-agents-upper-asg-1a2b-AlarmHigh-4e1c",
+               policy_arn("agents-upper-asg-1a2b", "agents-upper-track-99cc"),
+               "INSUFFICIENT_DATA")
+    # The same names in the other stack, acting on its group: never shown as ours.
+    make_alarm("agents-upper-wake-alarm-ffff000",
+               policy_arn("agents-upper-asg-prod", "agents-upper-wake-00dd"), "OK")
+    dispatcher.groups.refresh_if_stale(clock())
+    dispatcher.report({"upper": OperationStatus("upper", "raw", "shout", True, 1, 1, 0, 0, 42,
+                                                0, None, None)})
+    dispatcher.observe()
+
+    pool = dispatcher.describe()["cloud"]["operations"]["upper"]
+    assert pool["group"]["group"] == "agents-upper-asg-1a2b"
+    assert (pool["group"]["desired"], pool["group"]["in_service"]) == (1, 1)
+    assert {kind: a["state"] for kind, a in pool["alarms"].items()} == {
+        "wake": "ALARM", "idle": "OK", "track-high": "INSUFFICIENT_DATA"}
+    assert pool["metrics"]["values"] == {"Backlog": 42.0, "BacklogPerAgent": 42.0,
+                                         "DesiredCapacity": 1.0, "Wanted": 1.0}
+    assert pool["metrics"]["published_at"] == dispatcher.metrics.last_published_at is not None
+
+    # Cached: status again within the refresh period reads no alarm.
+    reads = dispatcher.alarms.reads
+    dispatcher.describe()
+    assert dispatcher.alarms.reads == reads
+    boto3.client("cloudwatch", region_name=REGION).set_alarm_state(
+        AlarmName="agents-upper-wake-alarm-1a2b3c4", StateValue="OK", StateReason="woke")
+    clock.now += 10
+    assert dispatcher.describe()["cloud"]["operations"]["upper"]["alarms"]["wake"]["state"] \
+        == "OK"
+
+    manager = Manager(dispatcher.store, Broker("amqp://guest:guest@127.0.0.1:1/"), None, None,
+                      "aws", "", dispatcher.describe)
+    body = status_of(manager)
+    monkeypatch.setattr(cli_module, "_call", lambda *_a, **_k: body)
+    shown = CliRunner().invoke(cli_module.cli, ["status"])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("POOL"))
+    assert header.split() == ["POOL", "DESIRED", "IN_SERVICE", "ALARMS", "WANTED", "BACKLOG",
+                              "PER_AGENT", "PUBLISHED"]
+    (row,) = [line for line in lines if line.startswith("upper ")]
+    assert row.split() == ["upper", "1", "1", "wake", "OK,", "track-high",
+                           "INSUFFICIENT_DATA,", "idle", "OK", "1", "42", "42",
+                           dispatcher.metrics.last_published_at]
+
+
+def test_alarms_that_cannot_be_read_are_one_line_in_status(dispatcher,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    def denied() -> Any:
+        raise PermissionError("AccessDenied: cloudwatch:DescribeAlarms\nmore detail")
+
+    dispatcher.alarms = PoolAlarms(denied, clock=dispatcher.test_clock)
+    make_group("agents-upper-asg-1a2b", "dev", "upper", 1)
+    dispatcher.observe()
+    cloud = dispatcher.describe()["cloud"]
+    assert cloud["alarms"] == {"observed": False,
+                               "error": "PermissionError: AccessDenied: cloudwatch:DescribeAlarms"}
+    assert cloud["operations"]["upper"]["alarms"] == {}
+    manager = Manager(dispatcher.store, Broker("amqp://guest:guest@127.0.0.1:1/"), None, None,
+                      "aws", "", dispatcher.describe)
+    body = status_of(manager)
+    monkeypatch.setattr(cli_module, "_call", lambda *_a, **_k: body)
+    shown = CliRunner().invoke(cli_module.cli, ["status"])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stderr.splitlines().count(
+        "alarms: PermissionError: AccessDenied: cloudwatch:DescribeAlarms (alarm states "
+        "unknown)") == 1
+    assert "Traceback" not in shown.output
+    (row,) = [line for line in shown.stdout.splitlines() if line.startswith("upper ")]
+    assert row.split()[:4] == ["upper", "1", "1", "-"]
 
 
 def test_the_local_dispatchers_status_has_no_stack(tmp_path: Path):

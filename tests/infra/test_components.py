@@ -391,9 +391,10 @@ def test_the_manager_may_read_its_secrets_publish_its_metrics_and_use_the_archiv
     policy = json.loads(stack.named("manager-policy").inputs["policy"])
     by_sid = {s["Sid"]: s for s in policy["Statement"]}
     assert set(by_sid) == {"ReadSecrets", "PublishScalingMetrics", "DescribeAgentGroups",
-                           "ReadWriteArchive", "ListArchive"}
+                           "DescribePoolAlarms", "ReadWriteArchive", "ListArchive"}
     assert by_sid["DescribeAgentGroups"]["Action"] == ["autoscaling:DescribeAutoScalingGroups"]
     assert "Condition" not in by_sid["DescribeAgentGroups"]
+    assert by_sid["DescribePoolAlarms"]["Action"] == ["cloudwatch:DescribeAlarms"]
     assert by_sid["ReadSecrets"]["Action"] == ["ssm:GetParameter"]
     assert set(by_sid["ReadSecrets"]["Resource"]) == {
         "arn:aws:ssm:eu-west-1:1:parameter/streamboss/t/broker-url",

@@ -159,9 +159,10 @@ def test_no_policy_grants_a_wildcard_action_on_every_resource(stack):
             assert not any(a == "*" or a.endswith(":*") for a in actions), (name, statement)
             if "*" in resources:
                 # Only for actions without resource-level ARNs: the manager's read-only
-                # describe of the agent groups (no condition key applies to it), else
-                # scoped by a condition.
-                if actions == ["autoscaling:DescribeAutoScalingGroups"]:
+                # describes of the agent groups and of their alarms (no condition key
+                # applies to them), else scoped by a condition.
+                if actions in (["autoscaling:DescribeAutoScalingGroups"],
+                               ["cloudwatch:DescribeAlarms"]):
                     continue
                 assert actions == ["cloudwatch:PutMetricData"], (name, statement)
                 assert statement["Condition"], (name, statement)
