@@ -47,6 +47,7 @@ from .http_guard import GuardPolicy, HttpGuard
 from .model import Archive
 from .reconciler import Reconciler
 from .routes import dead_letters as dead_letter_routes
+from .routes import stack_config as stack_config_routes
 from .store import Store, StoreError
 
 # A name in a path: the pattern is the schema's; the store answers 404 for any other.
@@ -433,4 +434,5 @@ def create_app(manager: Manager, guard: GuardPolicy | None = None) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(dead_letter_routes.router(manager), dependencies=v1)
+    app.include_router(stack_config_routes.router(manager), dependencies=v1)
     return app

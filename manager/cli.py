@@ -382,6 +382,27 @@ def _stack_lines(stack: dict[str, Any], cloud: dict[str, Any]) -> None:
         click.echo(f"metrics: {metrics['error']}", err=True)
 
 
+@cli.command("stack-config")
+@OUTPUT
+def stack_config_(fmt: str) -> None:
+    """The declarations as the AWS stack's streamboss:operations value, for `pulumi up` run
+    elsewhere than the manager (the manager node does not deploy):
+
+      streamboss stack-config | pulumi config set streamboss:operations
+
+    Env values stay masked; the names to set in the secret streamboss:operationsEnv go to
+    stderr."""
+    result = _call("GET", "/v1/stack-config")
+    if fmt == "json":
+        _emit(result, fmt)
+        return
+    click.echo(result["value"])
+    for operation, names in sorted(result["env_names"].items()):
+        click.echo(f"{operation}: env {', '.join(names)} go in the secret {result['env_key']}, "
+                   f"e.g. pulumi config set --secret --path "
+                   f"'{result['env_key']}[\"{operation}\"][\"{names[0]}\"]'", err=True)
+
+
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid",
               show_default=True)

@@ -49,6 +49,7 @@ import pytest
 import yaml
 
 from infra.__main__ import build
+from infra.operations import parse_operations
 from infra.user_data import MANAGER_SERVICE
 from streamboss.agent.config import redact
 from tests.appliance.conftest import read_env_file, read_unit, unit_environment
@@ -457,6 +458,13 @@ def test_demand_as_deployed_reaches_cloudwatch(node_parts, loopback, names, foll
         assert api.post("/operations", json={"name": operation, "definition": operation,
                                              "input": source, "output": sink}
                         ).status_code == 201
+        # What `pulumi up` elsewhere needs of the node's declarations: the stack's
+        # streamboss:operations, as the program parses it.
+        exported = api.get("/stack-config").json()
+        assert exported["key"] == "streamboss:operations"
+        (spec,) = [o for o in parse_operations(json.loads(exported["value"]))
+                   if o.name == operation]
+        assert (spec.input, spec.output) == (source, sink)
         wait_until(lambda: wanted() is not None, READY, f"a Wanted datapoint for {operation}")
         assert wanted() == 0.0, "nobody consumes its output: unwanted"
         follow(sink)
