@@ -367,6 +367,10 @@ class Node:
         return self.unit_dir / "stream-agent.service"
 
     @property
+    def lifecycle_unit(self) -> Path:
+        return self.unit_dir / "stream-agent-lifecycle.service"
+
+    @property
     def manager_unit(self) -> Path:
         return self.unit_dir / "stream-manager.service"
 

@@ -164,7 +164,8 @@ def test_the_rabbitmq_role_makes_a_user_per_role_tls_files_and_no_guest(converge
 def test_the_units_pass_systemd_analyze_verify_and_are_sandboxed(converged: Node):
     require(shutil.which("systemd-analyze") is not None,
             "needs systemd-analyze (Debian's systemd package)")
-    units = [converged.unit, converged.manager_unit, converged.state_unit]
+    units = [converged.unit, converged.manager_unit, converged.state_unit,
+             converged.lifecycle_unit]
     verify = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
                             capture_output=True, text=True)
     ours = [line for line in (verify.stdout + verify.stderr).splitlines()
@@ -191,6 +192,22 @@ def test_the_units_pass_systemd_analyze_verify_and_are_sandboxed(converged: Node
     assert agent["SystemCallFilter"][-1] == "@setuid"
     assert read_unit(converged.manager_unit).keys["CapabilityBoundingSet"] == [""]
     assert "--drain-timeout 20" in agent["ExecStart"][0]
+    # The lifecycle handler: root with no capability at all (systemd sends the agent's
+    # SIGTERM), only where user data wrote lifecycle.env, told which unit to stop.
+    lifecycle = read_unit(converged.lifecycle_unit).keys
+    security = subprocess.run(["systemd-analyze", "security", "--offline=yes",
+                               str(converged.lifecycle_unit)], capture_output=True, text=True)
+    match = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
+    assert match and float(match.group(1)) <= MAX_EXPOSURE, security.stdout + security.stderr
+    assert "User" not in lifecycle and lifecycle["CapabilityBoundingSet"] == [""]
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
+                       "PrivateTmp": "yes", "ProtectHome": "yes",
+                       "RestartPreventExitStatus": "2"}.items():
+        assert lifecycle[key] == [value], ("lifecycle", key)
+    assert lifecycle["ConditionPathExists"] == [str(converged.config_dir / "lifecycle.env")]
+    assert lifecycle["EnvironmentFile"] == [str(converged.config_dir / "lifecycle.env")]
+    assert lifecycle["Environment"] == [f"STREAMBOSS_LIFECYCLE_UNITS={converged.unit.name}"]
+    assert lifecycle["ExecStart"][0].startswith(f"{converged.venv}/bin/stream-agent-lifecycle ")
     manager = read_unit(converged.manager_unit).keys
     assert manager["Requires"] == [converged.state_unit.name]
     assert manager["ReadWritePaths"] == [str(converged.prefix / "var/lib/streamboss/manager")]
