@@ -36,6 +36,12 @@ periods follow the metric's, their datapoint counts are not ours to set.
 
 Missing metrics (a silent manager) change nothing: every alarm treats missing
 data as not breaching, so agents neither start nor stop on a gap.
+
+Warm pool (optional, ``warm_pool`` > 0): the group keeps that many instances
+launched, set up and stopped (``Warmed:Stopped``); waking starts one of them
+instead of booting a new instance, and scale-in returns instances to the pool
+(``reuse_on_scale_in``) rather than terminating them. A stopped instance costs
+its EBS volumes, not its instance hours.
 """
 
 from __future__ import annotations
@@ -205,6 +211,7 @@ class OperationPool(pulumi.ComponentResource):
                                               REFRESH_MIN_HEALTHY_PERCENT}},
             # A pool at zero has nothing to wait for, and agents have no health endpoint.
             wait_for_capacity_timeout="0",
+            warm_pool=warm_pool(spec),
             tags=[{"key": key, "value": value, "propagate_at_launch": True}
                   for key, value in sorted({**tags, "Name": name}.items())],
             opts=child,
@@ -268,6 +275,23 @@ class OperationPool(pulumi.ComponentResource):
             comparison_operator="LessThanThreshold", threshold=1,
             evaluation_periods=idle_periods, datapoints_to_alarm=idle_periods,
             treat_missing_data="notBreaching", alarm_actions=[idle.arn], opts=child)
+
+
+def warm_pool(spec: OperationSpec) -> dict[str, Any] | None:
+    """The group's warm pool: ``spec.warm_pool`` stopped instances, reused on scale-in;
+    None (no warm pool) for 0.
+
+    The pool's size is max(min_size, max_group_prepared_capacity - desired): with
+    the prepared capacity at the warm count (or the group's min, if larger; AWS
+    counts the group's own instances in it), the pool holds exactly the warm
+    count whatever the group's size, instead of AWS's default of up to ``max``
+    stopped instances.
+    """
+    if not spec.warm_pool:
+        return None
+    return {"pool_state": "Stopped", "min_size": spec.warm_pool,
+            "max_group_prepared_capacity": max(spec.warm_pool, spec.min),
+            "instance_reuse_policy": {"reuse_on_scale_in": True}}
 
 
 def with_env(spec: OperationSpec, operations_env: Any) -> dict[str, Any]:

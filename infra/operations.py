@@ -30,7 +30,7 @@ MAX_COOLDOWN_SECONDS = 86_400
 REQUIRED_FIELDS = ("name", "input", "output", "definition", "min", "max",
                    "target_backlog_per_agent", "scale_out_cooldown", "scale_in_cooldown",
                    "idle_seconds")
-OPTIONAL_FIELDS = ("image", "instance_type")
+OPTIONAL_FIELDS = ("image", "instance_type", "warm_pool")
 
 # How the manager writes an env value in ``operations`` (manager/model.py MASKED):
 # the value itself is in the secret ``operationsEnv``.
@@ -58,6 +58,7 @@ class OperationSpec:
         idle_seconds: how long an unwanted operation keeps its agents.
         image: an AMI id (``ami-...``) or AMI name; None for the stream-agent image.
         instance_type: EC2 instance type; None for the stack's agent default.
+        warm_pool: stopped instances the pool keeps ready (0: no warm pool).
     """
 
     name: str
@@ -72,6 +73,7 @@ class OperationSpec:
     idle_seconds: float
     image: str | None = None
     instance_type: str | None = None
+    warm_pool: int = 0
 
 
 def parse_operations(value: Any) -> list[OperationSpec]:
@@ -137,6 +139,11 @@ def _parse_one(index: int, entry: Any) -> OperationSpec:
     high = _int(label, "max", entry["max"], minimum=1)
     if low > high:
         raise OperationConfigError(f"{label}: 'min' {low} is greater than 'max' {high}")
+    warm = _int(label, "warm_pool", entry.get("warm_pool", 0), minimum=0)
+    if warm > high:
+        raise OperationConfigError(
+            f"{label}: 'warm_pool' {warm} is greater than 'max' {high}: the pool never "
+            "uses more warm instances than max")
     return OperationSpec(
         name=name,
         input=_name(label, "input", entry["input"]),
@@ -154,6 +161,7 @@ def _parse_one(index: int, entry: Any) -> OperationSpec:
                              maximum=MAX_IDLE_SECONDS),
         image=_optional_text(label, "image", entry.get("image")),
         instance_type=_optional_text(label, "instance_type", entry.get("instance_type")),
+        warm_pool=warm,
     )
 
 

@@ -191,6 +191,9 @@ class PolicyIn(BaseModel):
     scale_out_cooldown: Annotated[float, Field(ge=0, le=MAX_SECONDS)] | None = None
     scale_in_cooldown: Annotated[float, Field(ge=0, le=MAX_SECONDS)] | None = None
     idle_seconds: Annotated[float, Field(ge=0, le=MAX_SECONDS)] | None = None
+    warm_pool: Annotated[AgentCount, Field(description=(
+        "AWS only: stopped instances kept ready so the operation wakes in seconds; "
+        "at most max"))] | None = None
 
 
 class OperationIn(BaseModel):

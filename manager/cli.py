@@ -231,6 +231,9 @@ def _policy_options(func: Any) -> Any:
                      help=f"Seconds between scale-ins [{defaults.scale_in_cooldown:g}]."),
         click.option("--idle-seconds", type=float,
                      help=f"Unwanted this long, scale to zero [{defaults.idle_seconds:g}]."),
+        click.option("--warm-pool", type=int,
+                     help="AWS: stopped instances kept ready, to wake in seconds "
+                          f"[{defaults.warm_pool}]."),
     ]):
         func = option(func)
     return func
@@ -246,11 +249,11 @@ def _policy_options(func: Any) -> Any:
 def create_operation(name: str, definition: str, input_stream: str, output_stream: str,
                      min_: int | None, max_: int | None, target_backlog: int | None,
                      scale_out_cooldown: float | None, scale_in_cooldown: float | None,
-                     idle_seconds: float | None, fmt: str) -> None:
+                     idle_seconds: float | None, warm_pool: int | None, fmt: str) -> None:
     """Run DEFINITION (id or name) on every message of INPUT, publishing to OUTPUT."""
     policy = {"min": min_, "max": max_, "target_backlog_per_agent": target_backlog,
               "scale_out_cooldown": scale_out_cooldown, "scale_in_cooldown": scale_in_cooldown,
-              "idle_seconds": idle_seconds}
+              "idle_seconds": idle_seconds, "warm_pool": warm_pool}
     result = _call("POST", "/v1/operations", json={
         "name": name, "definition": definition, "input": input_stream,
         "output": output_stream, "policy": {k: v for k, v in policy.items() if v is not None}})

@@ -15,6 +15,8 @@ DEFAULT_TARGET_BACKLOG = 1000
 DEFAULT_SCALE_OUT_COOLDOWN = 5.0
 DEFAULT_SCALE_IN_COOLDOWN = 30.0
 DEFAULT_IDLE_SECONDS = 60.0
+# No warm pool: an operation's agents boot from scratch when it wakes (AWS only).
+DEFAULT_WARM_POOL = 0
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,10 @@ class ScalingPolicy:
     scale_out_cooldown: float = DEFAULT_SCALE_OUT_COOLDOWN
     scale_in_cooldown: float = DEFAULT_SCALE_IN_COOLDOWN
     idle_seconds: float = DEFAULT_IDLE_SECONDS
+    # On AWS: stopped instances kept ready in the pool's warm pool, so waking
+    # starts a stopped instance instead of booting a new one. The local
+    # dispatcher has nothing to keep warm and ignores it.
+    warm_pool: int = DEFAULT_WARM_POOL
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,7 +13,10 @@ The shape, one object per operation, sorted by name::
 
     {"name", "input", "output", "definition", "min", "max",
      "target_backlog_per_agent", "scale_out_cooldown", "scale_in_cooldown",
-     "idle_seconds", ["image"]}
+     "idle_seconds", ["image"], ["warm_pool"]}
+
+``warm_pool`` appears only when it is above 0, so the text of declarations
+without one is what it was before the field existed (no needless update).
 
 ``infra/operations.py`` parses exactly this shape.
 
@@ -94,6 +97,8 @@ def operations_config(operations: Iterable[Operation],
         image = body.get("image")
         if image:
             entry["image"] = image
+        if policy.warm_pool:
+            entry["warm_pool"] = int(policy.warm_pool)
         entries[op.name] = entry
     return [entries[name] for name in sorted(entries)]
 

@@ -133,7 +133,7 @@ def parse_policy(values: dict[str, Any] | None) -> ScalingPolicy:
     merged: dict[str, Any] = {}
     for name in known:
         value = values.get(name, getattr(defaults, name))
-        integer = name in ("min", "max", "target_backlog_per_agent")
+        integer = name in ("min", "max", "target_backlog_per_agent", "warm_pool")
         if isinstance(value, bool) or not isinstance(value, int | float) or (
                 integer and not isinstance(value, int)):
             raise StoreError(f"scaling policy {name} must be a "
@@ -145,6 +145,9 @@ def parse_policy(values: dict[str, Any] | None) -> ScalingPolicy:
         raise StoreError("scaling policy target_backlog_per_agent must be at least 1")
     if merged["min"] > merged["max"]:
         raise StoreError(f"scaling policy min ({merged['min']}) is above max ({merged['max']})")
+    if merged["warm_pool"] > merged["max"]:
+        raise StoreError(f"scaling policy warm_pool ({merged['warm_pool']}) is above max "
+                         f"({merged['max']}): a pool never uses more warm instances than max")
     return ScalingPolicy(**merged)
 
 

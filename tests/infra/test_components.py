@@ -444,6 +444,21 @@ def test_a_pool_is_one_group_with_the_declared_bounds_and_cooldowns(stack):
     assert template.inputs["instanceType"] == "t3.small"
 
 
+def test_a_warm_pool_keeps_that_many_stopped_instances_and_takes_scaled_in_ones_back(stack):
+    stack.run(lambda: declare_pool(sample_spec(warm_pool=2, min=1)).group_name)
+
+    group = stack.named("agents-resize-asg")
+    assert group.inputs["warmPool"] == {
+        "poolState": "Stopped", "minSize": 2, "maxGroupPreparedCapacity": 2,
+        "instanceReusePolicy": {"reuseOnScaleIn": True}}
+
+
+def test_a_pool_without_a_warm_pool_declares_none(stack):
+    stack.run(lambda: declare_pool(sample_spec()).group_name)
+
+    assert "warmPool" not in stack.named("agents-resize-asg").inputs
+
+
 def test_target_tracking_holds_the_declared_backlog_per_agent_while_wanted(stack):
     stack.run(lambda: declare_pool(sample_spec(target_backlog_per_agent=25)).group_name)
 

@@ -375,6 +375,9 @@ def test_the_example_stack_file_documents_every_key_and_its_operations_parse():
     assert {k.split(":", 1)[1] for k in config if k.startswith("streamboss:")} <= set(KEYS)
     specs = parse_operations(config["streamboss:operations"])
     assert [s.name for s in specs] == ["resize", "upper"]
+    # Every optional field of an operation is shown in use.
+    assert (specs[0].instance_type, specs[0].warm_pool) == ("c6i.large", 1)
+    assert "warm_pool" in text and "image" in text
     assert not any(k in config for k in ("streamboss:brokerPassword", "streamboss:managerToken"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,119 @@ def test_the_shared_modules_import_without_pulumi():
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# -- warm pools (issue #12) ------------------------------------------------------------------
+
+
+def test_a_warm_pool_is_carried_to_the_stack_and_parsed_there():
+    operations, definitions = sample_declarations(resize={"warm_pool": 2})
+    config = operations_config(operations, definitions)
+    by_name = {entry["name"]: entry for entry in config}
+    assert by_name["resize"]["warm_pool"] == 2
+    # Only where declared: the other entries are exactly what they were.
+    assert "warm_pool" not in by_name["upper"] and "warm_pool" not in by_name["count"]
+    specs = {s.name: s for s in parse_operations(json.loads(render(config)))}
+    assert (specs["resize"].warm_pool, specs["upper"].warm_pool) == (2, 0)
+
+
+def test_declarations_without_a_warm_pool_give_the_text_they_gave_before_it_existed(tmp_path):
+    """A policy stored before the field existed (no warm_pool key) loads as 0 and
+    renders byte for byte as before: upgrading the manager updates no stack."""
+    from streamboss.manager.store import Store
+
+    before = render(operations_config(*sample_declarations()))
+    assert "warm_pool" not in before
+    store = Store(tmp_path / "state")
+    try:
+        definition = store.define_process({"definition": {"exec": "cat", "name": "relay"}})
+        store.create_stream("a")
+        store.create_operation("op", str(definition.id), "a", "b", {"max": 3})
+        # As an older manager wrote the row: its policy JSON without warm_pool.
+        old_policy = {k: v for k, v in ScalingPolicy(max=3).to_dict().items()
+                      if k != "warm_pool"}
+        with sqlite3.connect(store.path, isolation_level=None) as older:
+            older.execute("UPDATE operations SET policy = ? WHERE name = 'op'",
+                          (json.dumps(old_policy),))
+        older.close()
+        (loaded,) = store.operations()
+        assert loaded.policy.warm_pool == 0
+        text = render(operations_config([loaded], {d.id: d for d in store.definitions()}))
+        assert "warm_pool" not in text
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("policy", "message"), [
+    ({"warm_pool": 5, "max": 4}, "warm_pool (5) is above max (4)"),
+    ({"warm_pool": -1}, "warm_pool must not be negative"),
+    ({"warm_pool": 1.5}, "warm_pool must be a whole number"),
+])
+def test_the_manager_refuses_a_bad_warm_pool(tmp_path, policy, message):
+    from streamboss.manager.store import Store, StoreError
+
+    store = Store(tmp_path / "state")
+    try:
+        definition = store.define_process({"definition": {"exec": "cat", "name": "relay"}})
+        store.create_stream("a")
+        with pytest.raises(StoreError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            store.create_operation("op", str(definition.id), "a", "b", policy)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (11, "'warm_pool' 11 is greater than 'max' 10"),
+    (-1, "'warm_pool' must be at least 0"),
+    (True, "'warm_pool' must be a whole number"),
+    ("2", "'warm_pool' must be a whole number"),
+])
+def test_the_program_refuses_a_bad_warm_pool_in_one_line(value, message):
+    from infra.operations import OperationConfigError
+
+    entry = {**operations_config(*sample_declarations())[1], "warm_pool": value}
+    assert entry["name"] == "resize"
+    with pytest.raises(OperationConfigError, match=message) as caught:
+        parse_operations([entry])
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).startswith("operation 'resize': ")
+
+
+def test_a_warm_pool_declared_over_http_reaches_the_store_and_the_stack_config(tmp_path):
+    """The API takes the field and hands it to the store's checks (the refusal is the
+    store's); an accepted one is in the stack config. No broker is needed for either:
+    the refusal comes before any topology, the accepted one is stored directly."""
+    import warnings
+
+    from streamboss.manager.api import Manager, create_app
+    from streamboss.manager.broker import Broker
+    from streamboss.manager.stack_config import stack_config
+    from streamboss.manager.store import Store
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Starlette's test client deprecation, as it loads
+        from fastapi.testclient import TestClient
+    store = Store(tmp_path / "state")
+    try:
+        store.create_stream("a")
+        client = TestClient(create_app(Manager(store, Broker("amqp://guest:guest@127.0.0.1:1/"),
+                                               None, None)), base_url="http://127.0.0.1")
+        assert client.post("/v1/definitions", json={"definition": {
+            "exec": "cat", "name": "relay"}}).status_code == 201
+        refused = client.post("/v1/operations", json={
+            "name": "op2", "definition": "relay", "input": "a", "output": "b",
+            "policy": {"max": 3, "warm_pool": 4}})
+        assert refused.status_code == 400
+        assert refused.json()["detail"] == ("scaling policy warm_pool (4) is above max (3): "
+                                            "a pool never uses more warm instances than max")
+        for bad in (-1, 1.5, "2", True):
+            answer = client.post("/v1/operations", json={
+                "name": "op3", "definition": "relay", "input": "a", "output": "b",
+                "policy": {"warm_pool": bad}})
+            assert answer.status_code in (400, 422), (bad, answer.text)
+        store.create_operation("op", "relay", "a", "b", {"max": 3, "warm_pool": 2})
+        config = stack_config(store.operations(), {d.id: d for d in store.definitions()})
+        (spec,) = parse_operations(json.loads(config.operations))
+        assert spec.warm_pool == 2
+    finally:
+        store.close()
