@@ -101,18 +101,22 @@ def probe_archive_store(store: str) -> str:
 def _probe_bucket(bucket: str, prefix: str) -> str:
     import boto3
     from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-    client = boto3.client("s3", endpoint_url=os.environ.get(objects.ENDPOINT_ENV) or None,
-                          config=Config(connect_timeout=PROBE_TIMEOUT,
-                                        read_timeout=PROBE_TIMEOUT,
-                                        retries={"max_attempts": 1, "mode": "standard"}))
+    # A session of its own: boto3's default one keeps the credentials it first found, and
+    # the probe must say what is true now.
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=os.environ.get(objects.ENDPOINT_ENV) or None,
+        config=Config(connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT,
+                      retries={"max_attempts": 1, "mode": "standard"}))
     try:
         # What the archiver's role may do on the bucket (s3:ListBucket), nothing more.
         client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
     except ClientError as exc:
         error = exc.response.get("Error", {})
         return f"refused: {error.get('Code', 'error')} on bucket {bucket}"
+    except NoCredentialsError:
+        return "refused: no AWS credentials (the instance role, or the usual AWS chain)"
     except BotoCoreError as exc:
         return f"unreachable: {str(exc).splitlines()[0]}"
     return ANSWERS

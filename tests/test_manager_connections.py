@@ -23,6 +23,7 @@ from streamboss.manager.broker import (
     ManagementURLError,
     management_endpoint,
 )
+from streamboss.manager.connections import probe_archive_store
 
 from .conftest import MANAGEMENT_PORT, MANAGER, ManagerPool, free_port
 
@@ -161,3 +162,25 @@ def test_which_management_url_the_broker_handle_takes(monkeypatch: pytest.Monkey
     monkeypatch.setenv(MANAGEMENT_URL_ENV, "tcp://nope")
     with pytest.raises(ManagementURLError, match=MANAGEMENT_URL_ENV):
         management_endpoint(amqp)
+
+
+def test_the_archive_store_probe_says_why_a_store_does_not_answer(
+        moto_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for key, value in moto_server.env.items():
+        monkeypatch.setenv(key, value)
+    bucket = moto_server.bucket("archive")
+    assert probe_archive_store(f"s3://{bucket}/archives") == "answers"
+    assert probe_archive_store("s3://no-such-bucket-e12") == \
+        "refused: NoSuchBucket on bucket no-such-bucket-e12"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    assert probe_archive_store(f"s3://{bucket}").startswith("refused: no AWS credentials")
+    monkeypatch.setenv("STREAMBOSS_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    assert probe_archive_store(f"s3://{bucket}").startswith("unreachable: ")
+    assert probe_archive_store(f"file://{tmp_path}/archive") == "answers"
+    (tmp_path / "plain").write_text("")
+    assert probe_archive_store(f"file://{tmp_path}/plain/archive").startswith("refused: ")
