@@ -90,6 +90,7 @@ class Deployed:
     username: str
     password: str
     group_stacks: set[str]  # the streamboss:stack tag of every agent group
+    group_tags: dict[str, str]  # one agent group's tags, as declared
 
 
 def deploy(stack, username: str, password: str) -> Deployed:
@@ -105,9 +106,12 @@ def deploy(stack, username: str, password: str) -> Deployed:
                   for d in stack.of_type("aws:ssm/parameter:Parameter")}
     (broker,) = stack.of_type("aws:mq/broker:Broker")
     host = urlsplit(broker.state["instances"][0]["consoleUrl"]).hostname
-    group_stacks = {tag["value"] for group in stack.of_type("aws:autoscaling/group:Group")
+    groups = stack.of_type("aws:autoscaling/group:Group")
+    group_stacks = {tag["value"] for group in groups
                     for tag in group.inputs["tags"] if tag["key"] == "streamboss:stack"}
-    return Deployed(json.loads(body), parameters, host, username, password, group_stacks)
+    group_tags = {tag["key"]: tag["value"] for tag in groups[0].inputs["tags"]}
+    return Deployed(json.loads(body), parameters, host, username, password, group_stacks,
+                    group_tags)
 
 
 # -- 2. the image's files ----------------------------------------------------------------
@@ -384,13 +388,23 @@ def test_the_deployed_manager_uses_the_stacks_broker_management_api_and_archive(
     assert urlsplit(broker_url).hostname == deployed.broker_host
     assert broker_url.startswith(f"amqps://{deployed.username}:{deployed.password}@")
     archive = f"s3://{urlsplit(settings['STREAMBOSS_ARCHIVE_STORE']).netloc}"
+    # One agent group in AWS (moto) with the tags the program gives a pool (its operation
+    # renamed, so no other test's group shares it).
+    operation = f"deployed-{uuid.uuid4().hex[:8]}"
+    tags = {**deployed.group_tags, "streamboss:operation": operation, "Name": operation}
+    aws_group(moto_endpoint, operation, tags, desired=2)
 
     node = start_unit(image.unit, image, deployed, loopback, moto_endpoint)
     try:
         # streamboss-env resolved both parameters: the token from SSM is the API's.
         document = node.status(TOKEN)
+        # The manager reads the groups by the stack name its user data gave it.
+        groups = wait_until(
+            lambda: node.status(TOKEN)["cloud"]["agent_groups"]["groups"].get(operation),
+            READY, f"the agent group of {operation} in status")
     finally:
         stop(node)
+    assert groups["desired"] == 2
     shown = document["connections"]
     assert shown["management"] == {"url": substitute(management, ports),
                                    "source": "STREAMBOSS_MANAGEMENT_URL", "state": "answers"}
@@ -477,6 +491,23 @@ def test_demand_as_deployed_reaches_cloudwatch(node_parts, loopback, names, foll
         api.close()
         stop(node)
         forget(operation, source, sink)
+
+
+def aws_group(endpoint: str, name: str, tags: dict[str, str], desired: int) -> None:
+    """An autoscaling group in moto with ``tags``."""
+    import boto3
+
+    def client(service: str) -> Any:
+        return boto3.client(service, endpoint_url=endpoint, region_name=REGION,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    client("ec2").create_launch_template(LaunchTemplateName=name, LaunchTemplateData={
+        "ImageId": "ami-12c6146b", "InstanceType": "t3.small"})
+    client("autoscaling").create_auto_scaling_group(
+        AutoScalingGroupName=name, MinSize=0, MaxSize=4, DesiredCapacity=desired,
+        LaunchTemplate={"LaunchTemplateName": name, "Version": "$Latest"},
+        AvailabilityZones=[f"{REGION}a"],
+        Tags=[{"Key": k, "Value": v, "PropagateAtLaunch": True} for k, v in tags.items()])
 
 
 def forget(operation: str, *streams: str) -> None:
