@@ -38,22 +38,22 @@ WINDOW = 4
 MESSAGES = 16
 
 
-def autoscaling(moto_server: MotoServer) -> Any:
+def autoscaling(moto_server: MotoServer, region: str = REGION) -> Any:
     import boto3
 
-    return boto3.client("autoscaling", endpoint_url=moto_server.endpoint, region_name=REGION,
+    return boto3.client("autoscaling", endpoint_url=moto_server.endpoint, region_name=region,
                         aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
-def make_group(moto_server: MotoServer) -> tuple[str, str]:
+def make_group(moto_server: MotoServer, region: str = REGION) -> tuple[str, str]:
     """A one-instance group with a termination hook as the pools declare it; its name and
     its instance's id."""
-    client = autoscaling(moto_server)
+    client = autoscaling(moto_server, region)
     name = f"streamboss-test-{uuid.uuid4().hex[:8]}"
     client.create_launch_configuration(LaunchConfigurationName=name, ImageId="ami-12c6146b",
                                        InstanceType="t3.micro")
     client.create_auto_scaling_group(AutoScalingGroupName=name, LaunchConfigurationName=name,
-                                     MinSize=1, MaxSize=1, AvailabilityZones=[f"{REGION}a"])
+                                     MinSize=1, MaxSize=1, AvailabilityZones=[f"{region}a"])
     client.put_lifecycle_hook(LifecycleHookName=HOOK, AutoScalingGroupName=name,
                               LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
                               HeartbeatTimeout=60, DefaultResult="CONTINUE")
