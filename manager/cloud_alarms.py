@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -86,13 +87,11 @@ class PoolAlarms:
     """
 
     def __init__(self, client_factory: Callable[[], Any] = _client,
-                 clock: Callable[[], float] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
                  refresh: float = REFRESH_SECONDS) -> None:
-        import time
-
         self._client_factory = client_factory
         self._client: Any = None
-        self._clock = clock or time.monotonic
+        self._clock = clock
         self.refresh_seconds = refresh
         self._lock = threading.Lock()
         self._reading = threading.Lock()
