@@ -137,6 +137,9 @@ def test_packer_builds_the_stream_agent_image_against_moto_in_an_offline_namespa
                          for line in recap), output[-5000:]
     assert (prefix / "opt/streamboss/agent/bin/stream-agent").exists()
     assert (prefix / "etc/systemd/system/stream-agent.service").exists()
+    # The scale-in drain handler's unit is in the image too; user data starts it.
+    assert (prefix / "etc/systemd/system/stream-agent-lifecycle.service").exists()
+    assert (prefix / "opt/streamboss/agent/bin/stream-agent-lifecycle").exists()
     assert not (prefix / "etc/streamboss/agent.json").exists(), "user data writes it at boot"
 
     # The manifest, and the image as EC2 (moto) now has it.
