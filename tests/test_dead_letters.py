@@ -297,6 +297,10 @@ def test_an_unknown_operation_is_one_line_and_exit_2(manager: ManagerProcess, na
     missing = names("missing")
     line = one_line_error(manager.cli("dead", verb[0], missing, *verb[1:]))
     assert f"operation {missing!r} does not exist" in line
+    # Not a name at all: no queue could be left behind under it, and none is looked for.
+    bad = "Ünïcode-" + "x" * 300
+    line = one_line_error(manager.cli("dead", verb[0], bad, *verb[1:]))
+    assert "does not exist" in line
 
 
 def test_the_api_serves_the_same_under_v1_dead(manager: ManagerProcess, broker: Broker,

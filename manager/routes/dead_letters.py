@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query
 
-from streamboss.agent.naming import dead_queue
+from streamboss.agent.naming import NAME_PATTERN, dead_queue
 
 from .. import dead_letters
 from ..api_models import NAME_SCHEMA, READ, WRITE, errors
@@ -32,8 +32,11 @@ def router(manager: Manager) -> APIRouter:
     routes = APIRouter(prefix="/v1/dead", tags=["dead letters"])
 
     def known(operation: str) -> str:
-        if manager.store.get_operation(operation) is None and \
-                not dead_letters.held(manager.broker.url, operation):
+        # Only a well-formed name can name a queue of ours left behind (and only such
+        # a name may reach the broker).
+        if manager.store.get_operation(operation) is None and not (
+                NAME_PATTERN.fullmatch(operation)
+                and dead_letters.held(manager.broker.url, operation)):
             raise StoreError(f"operation {operation!r} does not exist: `streamboss list "
                              "operations` shows the declared ones", 404)
         return operation
