@@ -7,7 +7,7 @@ handler runs beside the agent on every agent node (the ``stream_agent`` role's
 ``stream-agent-lifecycle.service``) and:
 
 1. polls IMDSv2 every few seconds for ``autoscaling/target-lifecycle-state``;
-2. on ``Terminated`` (or ``Warmed:Terminated``) stops the node's agents: by
+2. on ``Terminated`` (or ``Warmed:Terminated``, ``Warmed:Stopped``) stops the node's agents: by
    default ``systemctl stop --no-block stream-agent.service``, so systemd sends
    the unit's ``KillSignal=SIGTERM`` to the agent, which stops consuming,
    finishes its in-flight messages and exits 0 (``--pid`` signals processes
@@ -66,9 +66,13 @@ HEARTBEAT_TIMEOUT_ENV = "STREAMBOSS_LIFECYCLE_HEARTBEAT_TIMEOUT"
 UNITS_ENV = "STREAMBOSS_LIFECYCLE_UNITS"
 DEFAULT_UNITS = ("stream-agent.service",)
 
-# Target states that mean "this instance is being terminated". A warm pool's
-# instance terminated from the pool goes through the same termination hook.
-TERMINATING_STATES = frozenset({"Terminated", "Warmed:Terminated"})
+# Target states that mean "this instance leaves service". A warm pool's instance
+# terminated from the pool goes through the same termination hook, and so does one
+# a pool with an instance reuse policy takes back on scale-in (it waits in
+# Warmed:Pending:Wait on its way to Warmed:Stopped, the pools' pool state). An
+# instance launched into the pool has no action waiting: its agent is stopped all
+# the same (it must not consume from the pool) and completing finds nothing.
+TERMINATING_STATES = frozenset({"Terminated", "Warmed:Terminated", "Warmed:Stopped"})
 CONTINUE = "CONTINUE"
 
 DEFAULT_POLL_INTERVAL = 5.0
