@@ -731,12 +731,18 @@ def test_a_reconciler_pass_declares_topology_offers_the_config_and_publishes_met
         assert [s.name for s in parse_operations(json.loads(driver.applied[0]))] == [operation]
     finally:
         connection.close()
-        reconciler.broker.delete_operation(operation, dead_queue(operation))
-        for stream in (source, sink):
-            reconciler.broker.delete_stream(stream)
-        reconciler.broker.close()
-        store.close()
+        remove_declared(reconciler, store, operation, (source, sink))
     assert Broker(broker_url).queue_state(op_queue(operation)) is None
+
+
+def remove_declared(reconciler: Reconciler, store: Store, operation: str,
+                    streams: tuple[str, ...]) -> None:
+    """Delete what a test's reconciler declared on the broker; close it and the store."""
+    reconciler.broker.delete_operation(operation, dead_queue(operation))
+    for stream in streams:
+        reconciler.broker.delete_stream(stream)
+    reconciler.broker.close()
+    store.close()
 
 
 def wanted_datapoints(operation: str) -> tuple[int, float | None, float | None]:
@@ -791,11 +797,7 @@ def test_a_new_consumer_publishes_wanted_1_at_once_not_at_the_next_periodic_publ
     finally:
         dispatcher.stop_all(timeout=5)
         connection.close()
-        reconciler.broker.delete_operation(operation, dead_queue(operation))
-        for stream in (source, sink):
-            reconciler.broker.delete_stream(stream)
-        reconciler.broker.close()
-        store.close()
+        remove_declared(reconciler, store, operation, (source, sink))
 
 
 # -- the API and the CLI show the stack's state ----------------------------------------------------
