@@ -72,6 +72,11 @@ CANCEL_WAIT = 0.5
 OUTPUT, DEAD, COPY = "output", "dead letter", "copy"
 
 
+# How long after a (re)connection solo deliveries wait for the main queue's first
+# window to arrive and be sorted (see Agent._solo_open).
+SOLO_SETTLE = 0.5
+
+
 @dataclass(slots=True)
 class Pending:
     """A publish waiting for its confirm, and the input it settles."""
@@ -120,6 +125,16 @@ class Agent(Reconnecting):
         # Deliveries that arrived while paused: held unacked (the broker stops at the
         # window), run on resume.
         self._held: deque[Delivery] = deque()
+        # Deliveries being moved to the solo queue (tags), and solo deliveries waiting
+        # for those moves to settle: a solo message may be the one that kills its
+        # agent, and a move still unconfirmed when it does would charge a bystander
+        # again, every time, until its attempts ran out (seen in a chaos run).
+        self._moving: set[int] = set()
+        self._solo_waiting: deque[Delivery] = deque()
+        # Closed for a moment after each (re)connection: the main queue's first window
+        # arrives meanwhile, and those charged by the last agent's death are moved
+        # before a solo message (perhaps that killer) runs.
+        self._solo_open = False
         self._pause_delay = PAUSE_DELAY
         self._resume_timer: object | None = None
         self._cancel_timer: object | None = None
@@ -232,6 +247,9 @@ class Agent(Reconnecting):
 
     def _on_ready(self) -> None:
         self._reconnect_delay = RECONNECT_DELAY
+        self._solo_open = False
+        epoch = self.epoch
+        self.ioloop.call_later(SOLO_SETTLE, lambda: self._open_solo(epoch))
         if not self._ever_ready:
             self._ever_ready = True
             # Before start(): should it raise, pika closes the connection, and the
@@ -256,6 +274,8 @@ class Agent(Reconnecting):
             self._cancel_timer = None
         self._paused = False
         self._held.clear()
+        self._moving.clear()
+        self._solo_waiting.clear()
         if not (fatal or self._stopping):
             # Work handed in under the old connection is the broker's again.
             self.runner.reset()
@@ -288,6 +308,7 @@ class Agent(Reconnecting):
             log.info("%s: message %s was delivered %d time(s) without an outcome; it runs "
                      "alone next (%s)", self.label, delivery.parent or f"#{tag}", crashed,
                      self.solo)
+            self._moving.add(tag)
             self._republish(delivery, self.solo, used + crashed)
             return
         max_attempts = self.config.definition.max_attempts
@@ -303,10 +324,39 @@ class Agent(Reconnecting):
                                   f"already (max_attempts is {max_attempts})", None, "",
                                   attempts=used)
             return
+        if solo and (self._moving or not self._solo_open):
+            self._solo_waiting.append(delivery)
+            return
+        self._run(delivery)
+
+    def _run(self, delivery: Delivery) -> None:
         if self._paused:
             self._held.append(delivery)
             return
         self.runner.submit(delivery)
+
+    def _moved(self, tag: int) -> None:
+        """A move to the solo queue settled; once none is left, the solo deliveries run
+        (on a later loop turn than the acks' flush, so those acks go out first)."""
+        self._moving.discard(tag)
+        if not self._moving and self._solo_waiting:
+            self.ioloop.call_later(0, self._run_solo_waiting)
+
+    def _open_solo(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            return
+        self._solo_open = True
+        if not self._moving and self._solo_waiting:
+            self._run_solo_waiting()
+
+    def _run_solo_waiting(self) -> None:
+        if self._moving or not self._solo_open:
+            return
+        self.acker.flush()  # the moves' acks, before anything runs
+        waiting, self._solo_waiting = self._solo_waiting, deque()
+        for delivery in waiting:
+            if not self._stale(delivery):
+                self._run(delivery)
 
     def _on_return(self, properties: pika.BasicProperties, reply: str) -> None:
         # The confirm of the same publish follows; it settles the input.
@@ -330,6 +380,7 @@ class Agent(Reconnecting):
 
     def _settle(self, pending: Pending, ack: bool) -> None:
         delivery = pending.delivery
+        moving = delivery.tag in self._moving
         returned = pending.message_id is not None and pending.message_id in self._returned
         if returned:
             self._returned.discard(pending.message_id)  # type: ignore[arg-type]
@@ -352,6 +403,9 @@ class Agent(Reconnecting):
                         "returned" if returned else "refused", pending.kind)
             self.session.nack(delivery.tag, requeue=True)
             self.acker.rejected(delivery.tag)
+        if moving:
+            # After the ack is scheduled: the solo deliveries run after it went out.
+            self._moved(delivery.tag)
 
     def _pause(self) -> None:
         """Stop running new deliveries for a while; they wait unacked in the window.
