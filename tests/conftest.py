@@ -31,6 +31,7 @@ import pytest
 
 from streamboss.agent.naming import operation_queue_arguments
 from streamboss.manager import api_token
+from streamboss.manager.broker import passive_declare
 from tools.chaos import chain as chaos_chain
 
 BROKER_URL = os.environ.get("STREAMBOSS_TEST_BROKER_URL",
@@ -198,14 +199,11 @@ class Broker:
     def queue_depth(self, queue: str) -> int | None:
         """Ready messages in ``queue``; ``None`` when it does not exist."""
         channel = self.connection.channel()
-        try:
-            frame = channel.queue_declare(queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return None
-            raise
+        state = passive_declare(channel, queue)
+        if state is None:
+            return None
         channel.close()
-        return frame.method.message_count
+        return state.messages
 
     def queue_consumers(self, queue: str) -> int:
         channel = self.connection.channel()

@@ -932,12 +932,7 @@ def test_status_shows_each_pools_group_counts_alarm_states_and_last_metrics(
     assert dispatcher.describe()["cloud"]["operations"]["upper"]["alarms"]["wake"]["state"] \
         == "OK"
 
-    manager = Manager(dispatcher.store, Broker("amqp://guest:guest@127.0.0.1:1/"), None, None,
-                      "aws", "", dispatcher.describe)
-    body = status_of(manager)
-    monkeypatch.setattr(cli_module, "_call", lambda *_a, **_k: body)
-    shown = CliRunner().invoke(cli_module.cli, ["status"])
-    assert shown.exit_code == 0, shown.output
+    shown = status_in_the_cli(dispatcher, monkeypatch)
     lines = shown.stdout.splitlines()
     header = next(line for line in lines if line.startswith("POOL"))
     assert header.split() == ["POOL", "DESIRED", "IN_SERVICE", "ALARMS", "WANTED", "BACKLOG",
@@ -946,6 +941,17 @@ def test_status_shows_each_pools_group_counts_alarm_states_and_last_metrics(
     assert row.split() == ["upper", "1", "1", "wake", "OK,", "track-high",
                            "INSUFFICIENT_DATA,", "idle", "OK", "1", "42", "42",
                            dispatcher.metrics.last_published_at]
+
+
+def status_in_the_cli(dispatcher: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`streamboss status` as the CLI prints the dispatcher's /v1/status (exit 0)."""
+    manager = Manager(dispatcher.store, Broker("amqp://guest:guest@127.0.0.1:1/"), None, None,
+                      "aws", "", dispatcher.describe)
+    body = status_of(manager)
+    monkeypatch.setattr(cli_module, "_call", lambda *_a, **_k: body)
+    shown = CliRunner().invoke(cli_module.cli, ["status"])
+    assert shown.exit_code == 0, shown.output
+    return shown
 
 
 def test_alarms_that_cannot_be_read_are_one_line_in_status(dispatcher,
@@ -960,12 +966,7 @@ def test_alarms_that_cannot_be_read_are_one_line_in_status(dispatcher,
     assert cloud["alarms"] == {"observed": False,
                                "error": "PermissionError: AccessDenied: cloudwatch:DescribeAlarms"}
     assert cloud["operations"]["upper"]["alarms"] == {}
-    manager = Manager(dispatcher.store, Broker("amqp://guest:guest@127.0.0.1:1/"), None, None,
-                      "aws", "", dispatcher.describe)
-    body = status_of(manager)
-    monkeypatch.setattr(cli_module, "_call", lambda *_a, **_k: body)
-    shown = CliRunner().invoke(cli_module.cli, ["status"])
-    assert shown.exit_code == 0, shown.output
+    shown = status_in_the_cli(dispatcher, monkeypatch)
     assert shown.stderr.splitlines().count(
         "alarms: PermissionError: AccessDenied: cloudwatch:DescribeAlarms (alarm states "
         "unknown)") == 1

@@ -363,17 +363,24 @@ def test_a_child_of_the_same_user_cannot_read_the_agents_environ(
     assert Path(f"/proc/{process.pid}/environ").stat().st_uid == 0
 
 
+def run_as_child_user(streams, names, agent, broker, program: str) -> str:
+    """What ``program`` (a shell command) prints for one message, run by an agent with
+    STREAMBOSS_CHILD_USER=nobody."""
+    source, sink = streams("in", "out")
+    capture = broker.capture(sink)
+    agent(names("op"), source, sink, "--shell", "--exec", program,
+          env={"STREAMBOSS_CHILD_USER": NOBODY})
+    broker.publish(source, [b"x"])
+    [output] = capture.collect(1)
+    return output.body.decode()
+
+
 def test_children_run_as_the_child_user(streams, names, agent, broker) -> None:
     require(os.geteuid() == 0, "needs root (to start programs as another user)")
     require(_user_exists(NOBODY), "needs the user nobody")
     entry = pwd.getpwnam(NOBODY)
-    source, sink = streams("in", "out")
-    capture = broker.capture(sink)
-    agent(names("op"), source, sink, "--shell", "--exec", WHO_AM_I,
-          env={"STREAMBOSS_CHILD_USER": NOBODY})
-    broker.publish(source, [b"x"])
-    [output] = capture.collect(1)
-    uid, gid, groups, home, effective, permitted, ambient, _ = output.body.decode().split()
+    uid, gid, groups, home, effective, permitted, ambient, _ = run_as_child_user(
+        streams, names, agent, broker, WHO_AM_I).split()
     assert (int(uid), int(gid), groups, home) == (entry.pw_uid, entry.pw_gid, "[]",
                                                   entry.pw_dir)
     assert (int(effective, 16), int(permitted, 16), int(ambient, 16)) == (0, 0, 0)
@@ -382,13 +389,8 @@ def test_children_run_as_the_child_user(streams, names, agent, broker) -> None:
 def test_a_child_user_cannot_read_the_agents_environ(streams, names, agent, broker) -> None:
     require(os.geteuid() == 0, "needs root (to start programs as another user)")
     require(_user_exists(NOBODY), "needs the user nobody")
-    source, sink = streams("in", "out")
-    capture = broker.capture(sink)
-    agent(names("op"), source, sink, "--shell", "--exec", READ_AGENT_ENVIRON,
-          env={"STREAMBOSS_CHILD_USER": NOBODY})
-    broker.publish(source, [b"x"])
-    [output] = capture.collect(1)
-    assert output.body.decode().split()[0] == "EACCES"
+    output = run_as_child_user(streams, names, agent, broker, READ_AGENT_ENVIRON)
+    assert output.split()[0] == "EACCES"
 
 
 def test_an_agent_with_capabilities_but_not_root_runs_children_as_the_child_user(
